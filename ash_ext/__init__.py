@@ -1,0 +1,33 @@
+"""ash_ext: fused ASH (Activation SHaping, ICLR 2023) for PyTorch, with C++ and CUDA kernels.
+
+Public API: :func:`ash_p`, :func:`ash_b`, :func:`ash_s`, :func:`shape`, the :class:`ASH` detector,
+and :func:`implementation_for` / :func:`compiled_with_cuda` to see which implementation runs.
+"""
+
+from ._ops import (
+    FORCE_FALLBACK_ENV,
+    compiled_with_cuda,
+    extension_loaded,
+    fallback_forced,
+    implementation_for,
+)
+from ._semantics import kept_count
+from .detector import ASH, energy_score
+from .functional import ash_b, ash_p, ash_s, shape
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ASH",
+    "FORCE_FALLBACK_ENV",
+    "ash_b",
+    "ash_p",
+    "ash_s",
+    "compiled_with_cuda",
+    "energy_score",
+    "extension_loaded",
+    "fallback_forced",
+    "implementation_for",
+    "kept_count",
+    "shape",
+]

@@ -1,0 +1,79 @@
+"""Loads the compiled kernels, registers what torch needs to trace and differentiate them, and
+chooses which implementation serves a tensor."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # noqa: F401  (importing registers the ash_ext ops with torch)
+
+    EXTENSION_ERROR: Exception | None = None
+except ImportError as error:  # built without the extension, or a broken build
+    _C = None
+    EXTENSION_ERROR = error
+
+#: Set ``ASH_EXT_FORCE_FALLBACK=1`` to route every call to the pure-PyTorch implementation.
+FORCE_FALLBACK_ENV = "ASH_EXT_FORCE_FALLBACK"
+_FORCE_FALLBACK = os.environ.get(FORCE_FALLBACK_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+CPU_KERNEL = "cpu-kernel"
+CUDA_KERNEL = "cuda-kernel"
+FALLBACK = "fallback"
+
+
+def extension_loaded() -> bool:
+    """Whether the compiled module ``ash_ext._C`` was imported."""
+    return _C is not None
+
+
+def compiled_with_cuda() -> bool:
+    """Whether the compiled module contains the CUDA kernels."""
+    return _C is not None and bool(_C.compiled_with_cuda())
+
+
+def fallback_forced() -> bool:
+    """Whether ``ASH_EXT_FORCE_FALLBACK`` was set when ash_ext was imported."""
+    return _FORCE_FALLBACK
+
+
+def implementation_for(x: Tensor) -> str:
+    """Name the implementation that serves ``x``: ``"cpu-kernel"``, ``"cuda-kernel"`` or ``"fallback"``."""
+    if _C is None or _FORCE_FALLBACK:
+        return FALLBACK
+    if x.device.type == "cpu":
+        return CPU_KERNEL
+    if x.device.type == "cuda" and compiled_with_cuda():
+        return CUDA_KERNEL
+    return FALLBACK
+
+
+if _C is not None:
+
+    @torch.library.register_fake("ash_ext::ash")
+    def _ash_fake(x: Tensor, k: int, variant: int) -> Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("ash_ext::ash_")
+    def _ash_inplace_fake(x: Tensor, k: int, variant: int) -> None:
+        return None
+
+    @torch.library.register_fake("ash_ext::ash_backward")
+    def _ash_backward_fake(grad: Tensor, x: Tensor, k: int, variant: int) -> Tensor:
+        return torch.empty_like(x)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        x, k, variant = inputs
+        # Only x is saved (it exists anyway); the backward recomputes the selection from it.
+        ctx.save_for_backward(x)
+        ctx.k = k
+        ctx.variant = variant
+
+    def _backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return torch.ops.ash_ext.ash_backward(grad, x, ctx.k, ctx.variant), None, None
+
+    torch.library.register_autograd("ash_ext::ash", _backward, setup_context=_setup_context)

@@ -1,0 +1,32 @@
+// Declarations shared by the op front end (ops.cpp) and the backends (cpu/, cuda/).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "ash_semantics.h"
+
+namespace ash_ext {
+
+// Backend contract. `x`, `out` (and `grad`, `grad_x`) are batch-outer dense with identical
+// strides, described by `layout`; 0 <= k <= layout.n has been checked; `out` may alias `x`
+// (in-place). Backends write every element of `out`.
+using ForwardKernel = void (*)(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
+                               const SampleLayout& layout);
+// grad_x = d(ash(x))/dx^T grad for the out-of-place op, with the selection recomputed from x.
+using BackwardKernel = void (*)(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x,
+                                int64_t k, Variant variant, const SampleLayout& layout);
+
+void ash_forward_cpu(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
+                     const SampleLayout& layout);
+void ash_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k,
+                      Variant variant, const SampleLayout& layout);
+
+// The op front end shared by every backend: checks the arguments, brings the tensors into the
+// backend contract's layout (copying only where the input's layout does not allow it), and calls
+// the backend kernel.
+at::Tensor ash_forward(const at::Tensor& x, int64_t k, int64_t variant, ForwardKernel kernel);
+void ash_forward_inplace(const at::Tensor& x, int64_t k, int64_t variant, ForwardKernel kernel);
+at::Tensor ash_backward(const at::Tensor& grad, const at::Tensor& x, int64_t k, int64_t variant,
+                        BackwardKernel kernel);
+
+}  // namespace ash_ext

@@ -1,0 +1,214 @@
+// Block-level building blocks of the ASH CUDA kernels: reproducible block reductions and scans,
+// and element iteration with a fixed element-to-thread assignment.
+//
+// Determinism: every floating-point sum in this extension is formed in an order fixed by the
+// shape alone. A thread visits its elements in a fixed order (see for_each_element), a warp adds
+// its threads' partials with a fixed shuffle tree, and a block adds its warps' partials in warp
+// order. No float atomics are used anywhere.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace ash_ext {
+namespace cuda_detail {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxWarpsPerBlock = 32;  // blocks have at most 1024 threads
+constexpr unsigned kFullWarpMask = 0xffffffffu;
+
+// Sum over the block, returned to every thread, bitwise reproducible. Every thread of the block
+// must call it, and the block size must be a multiple of 32. `warp_totals` is shared scratch of
+// kMaxWarpsPerBlock values; the call starts with a barrier, so consecutive calls may reuse it.
+template <typename T>
+__device__ __forceinline__ T block_sum(T value, T* warp_totals) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(kFullWarpMask, value, offset);  // lane 0 ends with the warp's sum
+  }
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  __syncthreads();  // an earlier call may still be reading warp_totals
+  if (lane == 0) {
+    warp_totals[warp] = value;
+  }
+  __syncthreads();
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  T total = warp_totals[0];
+  for (int w = 1; w < warps; ++w) {
+    total += warp_totals[w];
+  }
+  return total;
+}
+
+// Exclusive prefix sum of one count per thread, in thread order. Same calling rules as block_sum.
+__device__ __forceinline__ unsigned long long block_exclusive_sum(unsigned long long value,
+                                                                  unsigned long long* warp_totals) {
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  unsigned long long inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const unsigned long long lower = __shfl_up_sync(kFullWarpMask, inclusive, offset);
+    if (lane >= offset) {
+      inclusive += lower;
+    }
+  }
+  __syncthreads();  // an earlier call may still be reading warp_totals
+  if (lane == kWarpSize - 1) {
+    warp_totals[warp] = inclusive;
+  }
+  __syncthreads();
+  unsigned long long preceding = 0;
+  for (int w = 0; w < warp; ++w) {
+    preceding += warp_totals[w];
+  }
+  return preceding + inclusive - value;
+}
+
+// Sixteen bytes of consecutive elements: the unit of every global and shared memory access.
+template <typename scalar_t>
+struct alignas(16) Pack {
+  static constexpr int kSize = 16 / static_cast<int>(sizeof(scalar_t));
+  scalar_t v[kSize];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ bool is_pack_aligned(const scalar_t* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p, bool aligned) {
+  Pack<scalar_t> pack;
+  if (aligned) {
+    pack = *reinterpret_cast<const Pack<scalar_t>*>(p);
+  } else {
+#pragma unroll
+    for (int j = 0; j < Pack<scalar_t>::kSize; ++j) {
+      pack.v[j] = p[j];
+    }
+  }
+  return pack;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t>& pack, bool aligned) {
+  if (aligned) {
+    *reinterpret_cast<Pack<scalar_t>*>(p) = pack;
+  } else {
+#pragma unroll
+    for (int j = 0; j < Pack<scalar_t>::kSize; ++j) {
+      p[j] = pack.v[j];
+    }
+  }
+}
+
+// The element-to-thread assignment shared by every pass over a range [begin, end) of a sample:
+// the range is cut into packs of Pack::kSize consecutive elements counted from `begin`; pack g
+// belongs to thread g % blockDim.x, which visits its packs in increasing g, and a pack's elements
+// in increasing offset; the partial pack at the end (if any) belongs to the next thread in line.
+// Only how a pack is loaded depends on the pointers' alignment, never which thread gets which
+// element, so a thread's partial sums -- and the block sums built from them -- do not depend on
+// where the tensor happens to sit in memory.
+//
+// kWithSecond: also read `second` at the same offsets (the gradient, in the backward pass).
+// kWrite: store fn's result to `out` at the same offsets. A pack is loaded completely before its
+// result is stored, by the same thread, so `out` may alias `first` (in-place).
+template <bool kWithSecond, bool kWrite, typename scalar_t, typename Fn>
+__device__ __forceinline__ void visit_range(const scalar_t* first, const scalar_t* second, scalar_t* out,
+                                            int64_t begin, int64_t end, Fn&& fn) {
+  constexpr int kPackSize = Pack<scalar_t>::kSize;
+  const int64_t packs = (end - begin) / kPackSize;
+  bool aligned = is_pack_aligned(first + begin);
+  if constexpr (kWithSecond) {
+    aligned = aligned && is_pack_aligned(second + begin);
+  }
+  if constexpr (kWrite) {
+    aligned = aligned && is_pack_aligned(out + begin);
+  }
+  for (int64_t g = threadIdx.x; g < packs; g += blockDim.x) {
+    const int64_t offset = begin + g * kPackSize;
+    const Pack<scalar_t> a = load_pack(first + offset, aligned);
+    [[maybe_unused]] Pack<scalar_t> b;
+    if constexpr (kWithSecond) {
+      b = load_pack(second + offset, aligned);
+    }
+    [[maybe_unused]] Pack<scalar_t> result;
+#pragma unroll
+    for (int j = 0; j < kPackSize; ++j) {
+      if constexpr (kWrite && kWithSecond) {
+        result.v[j] = fn(offset + j, a.v[j], b.v[j]);
+      } else if constexpr (kWrite) {
+        result.v[j] = fn(offset + j, a.v[j]);
+      } else if constexpr (kWithSecond) {
+        fn(offset + j, a.v[j], b.v[j]);
+      } else {
+        fn(offset + j, a.v[j]);
+      }
+    }
+    if constexpr (kWrite) {
+      store_pack(out + offset, result, aligned);
+    }
+  }
+  const int64_t tail = begin + packs * kPackSize;
+  if (tail < end && static_cast<int64_t>(threadIdx.x) == packs % static_cast<int64_t>(blockDim.x)) {
+    for (int64_t i = tail; i < end; ++i) {
+      if constexpr (kWrite && kWithSecond) {
+        out[i] = fn(i, first[i], second[i]);
+      } else if constexpr (kWrite) {
+        out[i] = fn(i, first[i]);
+      } else if constexpr (kWithSecond) {
+        fn(i, first[i], second[i]);
+      } else {
+        fn(i, first[i]);
+      }
+    }
+  }
+}
+
+// fn(offset, value) for every element of [begin, end).
+template <typename scalar_t, typename Fn>
+__device__ __forceinline__ void for_each_element(const scalar_t* data, int64_t begin, int64_t end, Fn&& fn) {
+  visit_range<false, false>(data, static_cast<const scalar_t*>(nullptr), static_cast<scalar_t*>(nullptr), begin,
+                            end, fn);
+}
+
+// fn(offset, first[offset], second[offset]) for every offset of [begin, end).
+template <typename scalar_t, typename Fn>
+__device__ __forceinline__ void for_each_element_pair(const scalar_t* first, const scalar_t* second, int64_t begin,
+                                                      int64_t end, Fn&& fn) {
+  visit_range<true, false>(first, second, static_cast<scalar_t*>(nullptr), begin, end, fn);
+}
+
+// out[offset] = fn(offset, data[offset]) for every offset of [begin, end); out may alias data.
+template <typename scalar_t, typename Fn>
+__device__ __forceinline__ void map_elements(const scalar_t* data, scalar_t* out, int64_t begin, int64_t end,
+                                             Fn&& fn) {
+  visit_range<false, true>(data, static_cast<const scalar_t*>(nullptr), out, begin, end, fn);
+}
+
+// out[offset] = fn(offset, first[offset], second[offset]) for every offset of [begin, end).
+template <typename scalar_t, typename Fn>
+__device__ __forceinline__ void map_element_pairs(const scalar_t* first, const scalar_t* second, scalar_t* out,
+                                                  int64_t begin, int64_t end, Fn&& fn) {
+  visit_range<true, true>(first, second, out, begin, end, fn);
+}
+
+// Copies n elements from global memory into a 16-byte aligned shared buffer.
+template <typename scalar_t>
+__device__ __forceinline__ void copy_to_shared(const scalar_t* source, scalar_t* shared, int64_t n) {
+  constexpr int kPackSize = Pack<scalar_t>::kSize;
+  const int64_t packs = n / kPackSize;
+  const bool aligned = is_pack_aligned(source);
+  for (int64_t g = threadIdx.x; g < packs; g += blockDim.x) {
+    reinterpret_cast<Pack<scalar_t>*>(shared)[g] = load_pack(source + g * kPackSize, aligned);
+  }
+  for (int64_t i = packs * kPackSize + threadIdx.x; i < n; i += blockDim.x) {
+    shared[i] = source[i];
+  }
+}
+
+}  // namespace cuda_detail
+}  // namespace ash_ext

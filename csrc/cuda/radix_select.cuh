@@ -1,0 +1,159 @@
+// Radix selection of the rank-th largest key among a sample's candidates, digit by digit from the
+// most significant end; shared by the one-block-per-sample kernels and the chunked pipeline.
+//
+// A selection runs in passes. Before a pass, `prefix` holds the digits decided so far and `rank`
+// says which candidate (1 = the largest) is wanted among those whose key starts with `prefix`.
+// The pass counts those candidates per value of the next digit; the bucket holding the rank-th
+// largest becomes part of the prefix, and rank drops by the number of candidates in the buckets
+// above it. After the last pass, prefix is the wanted key itself, rank is how many candidates
+// with exactly that key are wanted, and the last bucket's count is how many there are.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "ash_semantics.h"
+#include "block_ops.cuh"
+
+namespace ash_ext {
+namespace cuda_detail {
+
+// 11-bit digits: three passes for 32-bit keys, two for 16-bit keys, six for 64-bit keys, and
+// 2048 counters (8 KiB) for a block's histogram.
+constexpr int kDigitBits = 11;
+constexpr int kNumBins = 1 << kDigitBits;
+
+// Which bits of the key one pass looks at.
+struct DigitPass {
+  int shift;  // position of the digit's lowest bit
+  int width;  // bits in the digit, 1..kDigitBits
+
+  // The bits above this digit, all decided by earlier passes.
+  __host__ __device__ unsigned long long decided_mask() const {
+    const int top = shift + width;
+    return top >= 64 ? 0ull : ~0ull << top;
+  }
+  __host__ __device__ unsigned digit(unsigned long long key) const {
+    return static_cast<unsigned>(key >> shift) & ((1u << width) - 1u);
+  }
+  __host__ __device__ int bins() const { return 1 << width; }
+};
+
+__host__ __device__ inline int digit_passes(int key_bits) {
+  return (key_bits + kDigitBits - 1) / kDigitBits;
+}
+
+// Pass `pass` of a key_bits-wide key; the last pass takes whatever bits are left.
+__host__ __device__ inline DigitPass digit_pass(int key_bits, int pass) {
+  const int top = key_bits - kDigitBits * pass;
+  const int shift = top > kDigitBits ? top - kDigitBits : 0;
+  return DigitPass{shift, top - shift};
+}
+
+// Tie-breaking selects among the elements equal to the threshold by their logical index: the
+// `need` smallest indices win. As a "largest keys" selection, the key is n - 1 - index, which
+// needs as many bits as n - 1.
+__host__ __device__ inline int tie_key_bits(int64_t n) {
+  int bits = 0;
+  for (uint64_t rest = static_cast<uint64_t>(n - 1); rest != 0; rest >>= 1) {
+    ++bits;
+  }
+  return bits;
+}
+
+__device__ __forceinline__ unsigned long long tie_key(const SampleLayout& layout, int64_t n, int64_t offset) {
+  return static_cast<unsigned long long>(n - 1 - logical_index(layout, offset));
+}
+
+struct BucketChoice {
+  unsigned digit;
+  unsigned long long above;  // candidates in the buckets above the chosen one
+  unsigned long long count;  // candidates in the chosen bucket
+};
+
+// Finds the bucket holding the rank-th largest candidate (1-based), given count_of(bucket) for
+// buckets 0..bins-1: the bucket d with above(d) < rank <= above(d) + count(d), where above(d)
+// counts the candidates in buckets > d. Needs 1 <= rank <= the total count, which makes the
+// bucket unique. Every thread of the block calls it; on return (after a barrier) `choice` holds
+// the answer and every call of count_of has been made.
+template <typename CountOf>
+__device__ __forceinline__ void choose_bucket(CountOf count_of, int bins, unsigned long long rank,
+                                              unsigned long long* scan_scratch, BucketChoice* choice) {
+  if (threadIdx.x == 0) {
+    *choice = BucketChoice{0u, 0ull, 0ull};  // stays only if the rank were out of range
+  }
+  // Thread t owns a run of buckets counted from the top, so that the exclusive scan over threads
+  // gives each thread the count of every bucket above its run.
+  const int per_thread = (bins + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+  const int first = static_cast<int>(threadIdx.x) * per_thread;
+  const int last = min(first + per_thread, bins);
+  unsigned long long own = 0;
+  for (int q = first; q < last; ++q) {
+    own += count_of(bins - 1 - q);
+  }
+  unsigned long long above = block_exclusive_sum(own, scan_scratch);  // barriers order the reset above
+  for (int q = first; q < last; ++q) {
+    const int bucket = bins - 1 - q;
+    const unsigned long long count = count_of(bucket);
+    if (above < rank && rank <= above + count) {
+      *choice = BucketChoice{static_cast<unsigned>(bucket), above, count};
+    }
+    above += count;
+  }
+  __syncthreads();
+}
+
+// Shared scratch of block_radix_select.
+struct SelectScratch {
+  unsigned long long scan[kMaxWarpsPerBlock];
+  BucketChoice choice;
+};
+
+struct RadixSelection {
+  unsigned long long key;             // the rank-th largest candidate key
+  unsigned long long rank_in_bucket;  // how many candidates equal to `key` are among the rank largest
+  unsigned long long bucket_size;     // how many candidates equal `key`
+};
+
+// The rank-th largest key among the candidates of one sample of n elements, found by one block.
+// key_of(offset, value, &key) says whether the element is a candidate and gives its key (at most
+// key_bits wide). `hist` is shared memory of kNumBins counters (n must be below 2^32). Every
+// thread calls it and gets the same answer; it ends with a barrier after the block's last read
+// of `sample`.
+template <typename scalar_t, typename KeyOf>
+__device__ __forceinline__ RadixSelection block_radix_select(const scalar_t* sample, int64_t n, int key_bits,
+                                                             unsigned long long rank, KeyOf key_of,
+                                                             unsigned* hist, SelectScratch& scratch) {
+  RadixSelection result{0ull, rank, 0ull};
+  const int passes = digit_passes(key_bits);
+  for (int pass = 0; pass < passes; ++pass) {
+    const DigitPass digit = digit_pass(key_bits, pass);
+    const unsigned long long decided = digit.decided_mask();
+    const unsigned long long prefix = result.key;
+    for (int d = static_cast<int>(threadIdx.x); d < digit.bins(); d += static_cast<int>(blockDim.x)) {
+      hist[d] = 0u;
+    }
+    __syncthreads();
+    for_each_element(sample, 0, n, [&](int64_t offset, scalar_t value) {
+      unsigned long long key;
+      if (key_of(offset, value, &key) && (key & decided) == prefix) {
+        atomicAdd(&hist[digit.digit(key)], 1u);
+      }
+    });
+    __syncthreads();
+    choose_bucket([&](int d) { return static_cast<unsigned long long>(hist[d]); }, digit.bins(),
+                  result.rank_in_bucket, scratch.scan, &scratch.choice);
+    const BucketChoice choice = scratch.choice;
+    result.key = prefix | (static_cast<unsigned long long>(choice.digit) << digit.shift);
+    result.rank_in_bucket -= choice.above;
+    result.bucket_size = choice.count;
+    // Every thread has read `choice` (and choose_bucket has finished reading `hist`) before the
+    // next pass clears the histogram or a later choose_bucket resets `choice`.
+    __syncthreads();
+  }
+  return result;
+}
+
+}  // namespace cuda_detail
+}  // namespace ash_ext
