@@ -51,7 +51,7 @@ def _extensions() -> list:
         and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
     )
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + os.environ.get("ASH_EXT_EXTRA_CXXFLAGS", "").split()
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not use_cuda:
         print("ash_ext: building the CPU kernel only", file=sys.stderr)

@@ -2,13 +2,20 @@
 // fused output pass.
 //
 // Per sample:
-//   A. one pass over the values: their sum s1 and a histogram of the keys' top digit;
-//   B. one pass (the sample is now in cache): the sum of the values whose digit is above the
-//      threshold's digit, and the keys of the threshold's digit bucket gathered into a buffer;
+//   A. one pass over the values (from memory): s1 and a histogram of the keys' top digit; the
+//      keys in a window of digits around the previous sample's threshold digit are gathered on
+//      the way, since samples of one batch tend to share their threshold's digit;
+//   B. only when that guess missed: one pass (the sample is now in cache) gathering the keys of
+//      the threshold's digit;
 //   C. the remaining digits are selected among the gathered keys only, which leaves the exact
-//      threshold key T, the number of ties at T, and how many of them to keep;
-//   D. when only some ties are kept, the tie cut: the largest logical index among kept ties;
-//   E. one output pass.
+//      threshold key T, the number of ties at T and how many of them to keep;
+//   D. when only some ties are kept: the largest logical index among the kept ties;
+//   E. the output pass (ASH-S first sums the kept values, s2, reading the sample from cache).
+//
+// Every sum is taken in a fixed order -- lanes within blocks of kSumBlock values, blocks in
+// order -- so a sample's result depends on nothing but the sample: not on the batch it is in,
+// the thread count, or which path the selection took.
+//
 // Samples are spread over threads; a batch smaller than the thread count splits each sample's
 // passes over the threads instead.
 #include <ATen/ATen.h>
@@ -18,8 +25,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../ash.h"
@@ -28,63 +37,49 @@ namespace ash_ext {
 namespace {
 
 constexpr int kFirstDigitBits = 11;
+constexpr int64_t kFirstBuckets = int64_t(1) << kFirstDigitBits;
 constexpr int kLaterDigitBits = 11;
-constexpr int64_t kBlock = 16;      // values handled per unrolled step
-constexpr int kHistCopies = 4;      // interleaved histograms, so runs of equal keys do not serialise
-constexpr int64_t kMaxChunk = int64_t(1) << 30;  // keeps per-chunk uint32 counts exact
+constexpr int kHistCopies = 4;        // interleaved histograms, so runs of equal keys do not serialise
+constexpr int64_t kLanes = 16;        // independent accumulators: vectorisable, fixed order
+constexpr int64_t kTile = 256;        // keys computed per vectorised step
+constexpr int64_t kSumBlock = 4096;   // sums are taken per block of this many values, then in order
+constexpr int64_t kMinChunk = 16384;  // below this a sample is not split over threads
+constexpr int kWindowRadius = 1;      // digits gathered on either side of the predicted one
 
-// What the selection found for one sample.
-template <typename key_t, typename acc_t>
-struct Selection {
-  key_t threshold = 0;     // T, the key of the k-th largest value
-  int64_t ties = 0;        // values whose key is T
-  int64_t need = 0;        // of those, how many are kept
-  int64_t tie_cut = 0;     // a tie is kept iff its logical index <= tie_cut (when need < ties)
-  acc_t above_sum = 0;     // sum of the values whose key is above T
-  acc_t sum = 0;           // s1, the sum of the whole sample
-  bool partial_ties() const { return need < ties; }
-};
+static_assert(kSumBlock % kTile == 0 && kTile % kLanes == 0, "blocks must hold whole tiles");
 
 template <typename key_t>
 constexpr int first_shift() {
   return key_bits<key_t>() - kFirstDigitBits;
 }
 
-// Per-sample working memory, reused across the samples one thread handles.
-template <typename key_t>
-struct Scratch {
-  std::vector<uint32_t> hist;       // kHistCopies * buckets
-  std::vector<key_t> candidates;    // keys in the threshold's bucket
-  std::vector<int64_t> tie_indices;  // logical indices of ties, permuted layouts only
-  explicit Scratch(int64_t n) : hist(kHistCopies << kFirstDigitBits), candidates(static_cast<size_t>(n)) {}
+// What the selection found for one sample.
+template <typename key_t, typename acc_t>
+struct Selection {
+  key_t threshold = 0;  // T, the key of the k-th largest value
+  int64_t ties = 0;     // values whose key is T
+  int64_t need = 0;     // of those, how many are kept
+  int64_t tie_cut = 0;  // a tie is kept iff its logical index <= tie_cut (when need < ties)
+  acc_t sum = 0;        // s1, the sum of the whole sample
+  bool partial_ties() const { return need < ties; }
 };
 
-// Values are processed in tiles: a vectorisable loop computes a tile's keys and sums, then a
-// scalar loop does what cannot vectorise (histogram increments, compaction).
-constexpr int64_t kTile = 256;
+// A thread's working memory, reused across the samples it handles.
+template <typename key_t>
+struct Scratch {
+  std::vector<uint32_t> hist;        // kHistCopies * kFirstBuckets
+  std::vector<key_t> candidates;     // gathered keys
+  std::vector<int64_t> tie_indices;  // logical indices of ties, permuted layouts only
+  int64_t predicted_digit = -1;      // the previous sample's threshold digit, -1 for none
+  explicit Scratch(int64_t n) : hist(kHistCopies * kFirstBuckets), candidates(static_cast<size_t>(n)) {}
+};
 
-// Sums [begin, end) in kBlock independent lanes (vectorisable, and a repeatable order).
-template <typename scalar_t>
-struct LaneSum {
-  acc_type<scalar_t> lanes[kBlock] = {};
-  void add_tile(const scalar_t* in, int64_t len) {
-    int64_t i = 0;
-    for (; i + kBlock <= len; i += kBlock) {
-      for (int j = 0; j < kBlock; ++j) {
-        lanes[j] += static_cast<acc_type<scalar_t>>(in[i + j]);
-      }
-    }
-    for (; i < len; ++i) {
-      lanes[0] += static_cast<acc_type<scalar_t>>(in[i]);
-    }
-  }
-  acc_type<scalar_t> total() const {
-    acc_type<scalar_t> t = 0;
-    for (int j = 0; j < kBlock; ++j) {
-      t += lanes[j];
-    }
-    return t;
-  }
+// Digits [lo, hi] of the top-digit window gathered during pass A (empty when lo > hi).
+struct DigitWindow {
+  int64_t lo = 1;
+  int64_t hi = 0;
+  bool empty() const { return lo > hi; }
+  bool contains(int64_t digit) const { return lo <= digit && digit <= hi; }
 };
 
 template <typename scalar_t>
@@ -94,35 +89,104 @@ inline void keys_of_tile(const scalar_t* in, int64_t len, key_type<scalar_t>* ke
   }
 }
 
-// Pass A over [begin, end): accumulates the sum and the top-digit histogram (into `counts`).
-template <typename scalar_t>
-acc_type<scalar_t> sum_and_histogram(const scalar_t* in, int64_t begin, int64_t end, uint32_t* hist,
-                                     int64_t* counts) {
-  using key_t = key_type<scalar_t>;
-  constexpr int shift = first_shift<key_t>();
-  constexpr int64_t buckets = int64_t(1) << kFirstDigitBits;
-  LaneSum<scalar_t> sum;
-  key_t keys[kTile];
-  for (int64_t chunk = begin; chunk < end; chunk += kMaxChunk) {
-    const int64_t chunk_end = std::min(end, chunk + kMaxChunk);
-    std::fill(hist, hist + kHistCopies * buckets, 0u);
-    for (int64_t tile = chunk; tile < chunk_end; tile += kTile) {
-      const int64_t len = std::min(kTile, chunk_end - tile);
-      sum.add_tile(in + tile, len);
-      keys_of_tile(in + tile, len, keys);
-      for (int64_t j = 0; j < len; ++j) {
-        ++hist[(j % kHistCopies) * buckets + (keys[j] >> shift)];
-      }
-    }
-    for (int64_t b = 0; b < buckets; ++b) {
-      int64_t c = 0;
-      for (int copy = 0; copy < kHistCopies; ++copy) {
-        c += hist[copy * buckets + b];
-      }
-      counts[b] += c;
+// Sum of a block in kLanes lanes, then the lanes in order.
+template <typename acc_t, typename F>
+inline acc_t block_sum(int64_t len, const F& value_at) {
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lanes[l] += value_at(i + l);
     }
   }
-  return sum.total();
+  for (; i < len; ++i) {
+    lanes[i % kLanes] += value_at(i);
+  }
+  acc_t total = 0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    total += lanes[l];
+  }
+  return total;
+}
+
+// Appends the keys of keys[0, len) whose digit (key >> shift) - lo is <= span to out[*count...].
+// Blocks of kLanes keys are tested at once, as most hold none.
+template <typename key_t>
+inline void gather_digits(const key_t* keys, int64_t len, int shift, key_t lo, key_t span, key_t* out,
+                          int64_t* count) {
+  int64_t gathered = *count;
+  for (int64_t j = 0; j < len; j += kLanes) {
+    const int64_t block_len = std::min(kLanes, len - j);
+    bool any = false;
+    for (int64_t l = 0; l < block_len; ++l) {
+      any |= static_cast<key_t>((keys[j + l] >> shift) - lo) <= span;
+    }
+    if (!any) {
+      continue;
+    }
+    for (int64_t l = 0; l < block_len; ++l) {
+      const key_t key = keys[j + l];
+      out[gathered] = key;  // branch-free compaction: always write, advance on a match
+      gathered += static_cast<key_t>((key >> shift) - lo) <= span;
+    }
+  }
+  *count = gathered;
+}
+
+// Pass A over the sum blocks [first_block, last_block): each block's sum into block_sums, the
+// top-digit histogram added to `counts`, and the keys in `window` appended to `gathered`
+// (which has room for every value of the range). Returns the number gathered.
+template <typename scalar_t>
+int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, DigitWindow window,
+               uint32_t* hist, int64_t* counts, acc_type<scalar_t>* block_sums, key_type<scalar_t>* gathered) {
+  using key_t = key_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  constexpr int shift = first_shift<key_t>();
+  std::fill(hist, hist + kHistCopies * kFirstBuckets, 0u);
+  key_t keys[kTile];
+  int64_t count = 0;
+  const key_t lo = static_cast<key_t>(window.lo);
+  const key_t span = static_cast<key_t>(window.hi - window.lo);
+  for (int64_t block = first_block; block < last_block; ++block) {
+    const int64_t begin = block * kSumBlock;
+    const int64_t end = std::min(n, begin + kSumBlock);
+    block_sums[block] = block_sum<acc_t>(end - begin, [&](int64_t i) { return static_cast<acc_t>(in[begin + i]); });
+    for (int64_t tile = begin; tile < end; tile += kTile) {
+      const int64_t len = std::min(kTile, end - tile);
+      keys_of_tile(in + tile, len, keys);
+      for (int64_t j = 0; j < len; ++j) {
+        ++hist[(j % kHistCopies) * kFirstBuckets + (keys[j] >> shift)];
+      }
+      if (!window.empty()) {
+        gather_digits(keys, len, shift, lo, span, gathered, &count);
+      }
+    }
+  }
+  // Per-call counts stay below 2^32 (a block range is at most the sample), so uint32 is exact
+  // as long as one call covers fewer than 2^32 values; callers split larger ranges.
+  for (int64_t b = 0; b < kFirstBuckets; ++b) {
+    int64_t c = 0;
+    for (int copy = 0; copy < kHistCopies; ++copy) {
+      c += hist[copy * kFirstBuckets + b];
+    }
+    counts[b] += c;
+  }
+  return count;
+}
+
+// Pass B over [begin, end): appends the keys whose top digit is `digit` to `gathered`.
+template <typename scalar_t>
+int64_t pass_b(const scalar_t* in, int64_t begin, int64_t end, key_type<scalar_t> digit,
+               key_type<scalar_t>* gathered) {
+  using key_t = key_type<scalar_t>;
+  key_t keys[kTile];
+  int64_t count = 0;
+  for (int64_t tile = begin; tile < end; tile += kTile) {
+    const int64_t len = std::min(kTile, end - tile);
+    keys_of_tile(in + tile, len, keys);
+    gather_digits(keys, len, first_shift<key_t>(), digit, key_t(0), gathered, &count);
+  }
+  return count;
 }
 
 // Walks the buckets from the top; returns the bucket holding the `want`-th largest key and sets
@@ -140,72 +204,14 @@ int64_t find_bucket(const int64_t* counts, int64_t buckets, int64_t want, int64_
   return 0;
 }
 
-// Pass B over [begin, end): the sum of values whose top digit is above `bucket`, and the keys in
-// `bucket` appended at `out`. Returns the number gathered.
-template <typename scalar_t>
-int64_t gather_bucket(const scalar_t* in, int64_t begin, int64_t end, key_type<scalar_t> bucket,
-                      key_type<scalar_t>* out, acc_type<scalar_t>* above_sum) {
-  using key_t = key_type<scalar_t>;
-  using acc_t = acc_type<scalar_t>;
-  constexpr int shift = first_shift<key_t>();
-  // Keys whose top digit is above the bucket are exactly those >= the next bucket's first key.
-  const key_t above_from = static_cast<key_t>((static_cast<uint64_t>(bucket) + 1) << shift);
-  const bool top_bucket = (static_cast<uint64_t>(bucket) + 1) << shift > std::numeric_limits<key_t>::max();
-  acc_t lanes[kBlock] = {};
-  key_t keys[kTile];
-  int64_t gathered = 0;
-  for (int64_t tile = begin; tile < end; tile += kTile) {
-    const int64_t len = std::min(kTile, end - tile);
-    const scalar_t* values = in + tile;
-    keys_of_tile(values, len, keys);
-    if (!top_bucket) {
-      int64_t j = 0;
-      for (; j + kBlock <= len; j += kBlock) {
-        for (int l = 0; l < kBlock; ++l) {
-          lanes[l] += static_cast<acc_t>(keep_or_zero(values[j + l], keys[j + l] >= above_from));
-        }
-      }
-      for (; j < len; ++j) {
-        lanes[0] += static_cast<acc_t>(keep_or_zero(values[j], keys[j] >= above_from));
-      }
-    }
-    // Most blocks hold no key of the bucket: test a block at once (vectorisable), and compact
-    // only blocks with a match.
-    for (int64_t j = 0; j < len; j += kBlock) {
-      const int64_t block_len = std::min(kBlock, len - j);
-      bool any = false;
-      for (int64_t l = 0; l < block_len; ++l) {
-        any |= (keys[j + l] >> shift) == bucket;
-      }
-      if (!any) {
-        continue;
-      }
-      for (int64_t l = 0; l < block_len; ++l) {
-        const key_t key = keys[j + l];
-        out[gathered] = key;  // branch-free compaction: always write, advance on a match
-        gathered += (key >> shift) == bucket;
-      }
-    }
-  }
-  acc_t total = 0;
-  for (int j = 0; j < kBlock; ++j) {
-    total += lanes[j];
-  }
-  *above_sum += total;
-  return gathered;
-}
-
-// Pass C: selects the remaining digits (below `done_bits` already fixed ones) among the gathered
-// keys, all of which share the top digit. On return sel.threshold, sel.ties and sel.need are set
-// and sel.above_sum includes the gathered keys above the threshold.
-template <typename scalar_t>
-void select_among_candidates(key_type<scalar_t>* keys, int64_t count, int64_t want, int done_bits,
-                             Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel) {
-  using key_t = key_type<scalar_t>;
-  using acc_t = acc_type<scalar_t>;
+// Pass C: selects the digits below the first among the gathered keys (which all share the
+// first digit) and sets sel.threshold, sel.ties and sel.need.
+template <typename key_t, typename acc_t>
+void select_among_candidates(key_t* keys, int64_t count, int64_t want, Selection<key_t, acc_t>& sel) {
   constexpr int total_bits = key_bits<key_t>();
   std::array<int64_t, (1 << kLaterDigitBits)> counts;
-  while (done_bits < total_bits && count > 0) {
+  int done_bits = kFirstDigitBits;
+  while (done_bits < total_bits) {
     const int digit_bits = std::min(kLaterDigitBits, total_bits - done_bits);
     const int shift = total_bits - done_bits - digit_bits;
     const key_t mask = static_cast<key_t>((key_t(1) << digit_bits) - 1);
@@ -216,19 +222,11 @@ void select_among_candidates(key_type<scalar_t>* keys, int64_t count, int64_t wa
     }
     int64_t above = 0;
     const key_t bucket = static_cast<key_t>(find_bucket(counts.data(), buckets, want, &above));
-    // Sum the keys above the chosen bucket (in their gathered order, so results are repeatable)
-    // and keep the chosen bucket's keys.
-    acc_t above_sum = 0;
     int64_t kept = 0;
     for (int64_t i = 0; i < count; ++i) {
-      const key_t digit = static_cast<key_t>((keys[i] >> shift) & mask);
-      if (digit > bucket) {
-        above_sum += static_cast<acc_t>(value_of_key<scalar_t>(keys[i]));
-      }
       keys[kept] = keys[i];
-      kept += digit == bucket;
+      kept += static_cast<key_t>((keys[i] >> shift) & mask) == bucket;
     }
-    sel.above_sum += above_sum;
     want -= above;
     count = kept;
     done_bits += digit_bits;
@@ -238,7 +236,49 @@ void select_among_candidates(key_type<scalar_t>* keys, int64_t count, int64_t wa
   sel.need = want;
 }
 
-// The per-sample kernel state: input, output, the selection and the thread's scratch.
+// Runs body(c) for c in [0, chunks): on the calling thread when chunks == 1, else in parallel.
+template <typename F>
+void run_chunks(int64_t chunks, const F& body) {
+  if (chunks == 1) {
+    body(0);
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      body(c);
+    }
+  });
+}
+
+// How a sample's sum blocks are split into `chunks` contiguous runs.
+struct ChunkPlan {
+  int64_t n = 0;
+  int64_t blocks = 0;
+  int64_t chunks = 1;
+  int64_t blocks_per_chunk = 0;
+  ChunkPlan(int64_t n_, int64_t wanted_chunks) : n(n_), blocks((n_ + kSumBlock - 1) / kSumBlock) {
+    // uint32 histogram counts need chunks of fewer than 2^32 values.
+    const int64_t max_blocks = (int64_t(1) << 31) / kSumBlock;
+    blocks_per_chunk = std::min(max_blocks, (blocks + wanted_chunks - 1) / std::max<int64_t>(1, wanted_chunks));
+    blocks_per_chunk = std::max<int64_t>(1, blocks_per_chunk);
+    chunks = (blocks + blocks_per_chunk - 1) / blocks_per_chunk;
+  }
+  int64_t first_block(int64_t c) const { return c * blocks_per_chunk; }
+  int64_t last_block(int64_t c) const { return std::min(blocks, (c + 1) * blocks_per_chunk); }
+  int64_t begin(int64_t c) const { return first_block(c) * kSumBlock; }
+  int64_t end(int64_t c) const { return std::min(n, last_block(c) * kSumBlock); }
+};
+
+template <typename acc_t>
+acc_t ordered_total(const std::vector<acc_t>& block_sums) {
+  acc_t total = 0;
+  for (const acc_t s : block_sums) {
+    total += s;
+  }
+  return total;
+}
+
+// Selects a sample's k-th largest key (k >= 1).
 template <typename scalar_t>
 struct SampleSelector {
   using key_t = key_type<scalar_t>;
@@ -247,60 +287,67 @@ struct SampleSelector {
   const SampleLayout& layout;
   int64_t k;
 
-  // Selects the k-th largest of in[0, n) (k >= 1). `chunks` > 1 spreads passes A, B and D over
-  // threads; it must be 1 when called from inside a parallel region.
-  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<key_t>& scratch, int64_t chunks) const {
+  // `parallel_chunks` > 1 spreads passes A and B over threads; it must be 1 inside a parallel
+  // region.
+  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<key_t>& scratch, int64_t parallel_chunks) const {
     const int64_t n = layout.n;
-    constexpr int64_t buckets = int64_t(1) << kFirstDigitBits;
+    const ChunkPlan plan(n, parallel_chunks);
     Selection<key_t, acc_t> sel;
-    const int64_t chunk_len = (n + chunks - 1) / chunks;
-
-    // A: sum and top-digit histogram.
-    std::vector<int64_t> counts(static_cast<size_t>(buckets * chunks), 0);
-    std::vector<acc_t> sums(static_cast<size_t>(chunks), acc_t(0));
-    run_chunks(chunks, [&](int64_t c) {
-      std::vector<uint32_t> local_hist;
-      uint32_t* hist = scratch.hist.data();
-      if (chunks > 1) {
-        local_hist.resize(kHistCopies * buckets);
-        hist = local_hist.data();
-      }
-      const int64_t begin = c * chunk_len;
-      const int64_t end = std::min(n, begin + chunk_len);
-      sums[c] = sum_and_histogram(in, begin, end, hist, counts.data() + c * buckets);
-    });
-    for (int64_t c = 1; c < chunks; ++c) {
-      for (int64_t b = 0; b < buckets; ++b) {
-        counts[b] += counts[c * buckets + b];
-      }
+    DigitWindow window;
+    if (scratch.predicted_digit >= 0) {
+      window.lo = std::max<int64_t>(0, scratch.predicted_digit - kWindowRadius);
+      window.hi = std::min<int64_t>(kFirstBuckets - 1, scratch.predicted_digit + kWindowRadius);
     }
-    for (int64_t c = 0; c < chunks; ++c) {
-      sel.sum += sums[c];
-    }
-    int64_t above = 0;
-    const key_t bucket = static_cast<key_t>(find_bucket(counts.data(), buckets, k, &above));
 
-    // B: the sum above the bucket and the bucket's keys, each chunk gathering into its own
-    // stretch of the buffer, then packed together in chunk order.
-    std::vector<int64_t> gathered(static_cast<size_t>(chunks), 0);
-    std::vector<acc_t> above_sums(static_cast<size_t>(chunks), acc_t(0));
+    // A: sums, histogram, and the window's keys (each chunk into its own stretch of the buffer).
+    std::vector<int64_t> counts(static_cast<size_t>(kFirstBuckets * plan.chunks), 0);
+    std::vector<acc_t> block_sums(static_cast<size_t>(plan.blocks), acc_t(0));
+    std::vector<int64_t> gathered(static_cast<size_t>(plan.chunks), 0);
     key_t* candidates = scratch.candidates.data();
-    run_chunks(chunks, [&](int64_t c) {
-      const int64_t begin = c * chunk_len;
-      const int64_t end = std::min(n, begin + chunk_len);
-      gathered[c] = gather_bucket(in, begin, end, bucket, candidates + begin, &above_sums[c]);
+    run_chunks(plan.chunks, [&](int64_t c) {
+      std::vector<uint32_t> own_hist;
+      uint32_t* hist = scratch.hist.data();
+      if (plan.chunks > 1) {
+        own_hist.resize(kHistCopies * kFirstBuckets);
+        hist = own_hist.data();
+      }
+      gathered[c] = pass_a(in, n, plan.first_block(c), plan.last_block(c), window, hist,
+                           counts.data() + c * kFirstBuckets, block_sums.data(), candidates + plan.begin(c));
     });
-    int64_t count = gathered[0];
-    for (int64_t c = 1; c < chunks; ++c) {
-      std::memmove(candidates + count, candidates + c * chunk_len, gathered[c] * sizeof(key_t));
-      count += gathered[c];
+    for (int64_t c = 1; c < plan.chunks; ++c) {
+      for (int64_t b = 0; b < kFirstBuckets; ++b) {
+        counts[b] += counts[c * kFirstBuckets + b];
+      }
     }
-    for (int64_t c = 0; c < chunks; ++c) {
-      sel.above_sum += above_sums[c];
+    sel.sum = ordered_total(block_sums);
+    int64_t above = 0;
+    const int64_t digit = find_bucket(counts.data(), kFirstBuckets, k, &above);
+    scratch.predicted_digit = digit;
+
+    int64_t count = 0;
+    if (window.contains(digit)) {
+      // The guess held: keep the gathered keys of the threshold's digit, in chunk order.
+      constexpr int shift = first_shift<key_t>();
+      for (int64_t c = 0; c < plan.chunks; ++c) {
+        const key_t* from = candidates + plan.begin(c);
+        for (int64_t i = 0; i < gathered[c]; ++i) {
+          candidates[count] = from[i];
+          count += static_cast<int64_t>(from[i] >> shift) == digit;
+        }
+      }
+    } else {
+      // B: gather the threshold digit's keys.
+      run_chunks(plan.chunks, [&](int64_t c) {
+        gathered[c] = pass_b(in, plan.begin(c), plan.end(c), static_cast<key_t>(digit), candidates + plan.begin(c));
+      });
+      for (int64_t c = 0; c < plan.chunks; ++c) {
+        std::memmove(candidates + count, candidates + plan.begin(c), gathered[c] * sizeof(key_t));
+        count += gathered[c];
+      }
     }
 
     // C: the remaining digits among the gathered keys.
-    select_among_candidates<scalar_t>(candidates, count, k - above, kFirstDigitBits, sel);
+    select_among_candidates(candidates, count, k - above, sel);
 
     // D: where only some ties are kept, the logical index of the last kept one.
     if (sel.partial_ties()) {
@@ -334,22 +381,9 @@ struct SampleSelector {
     std::nth_element(indices.begin(), indices.begin() + (sel.need - 1), indices.end());
     return indices[sel.need - 1];
   }
-
-  template <typename F>
-  static void run_chunks(int64_t chunks, const F& body) {
-    if (chunks == 1) {
-      body(0);
-      return;
-    }
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        body(c);
-      }
-    });
-  }
 };
 
-// Whether the element at memory offset i with key `key` is kept.
+// Whether the element at memory offset i, with key `key`, is kept.
 template <typename key_t, typename acc_t>
 inline bool is_kept(const Selection<key_t, acc_t>& sel, const SampleLayout& layout, key_t key, int64_t i) {
   if (key != sel.threshold) {
@@ -358,90 +392,37 @@ inline bool is_kept(const Selection<key_t, acc_t>& sel, const SampleLayout& layo
   return !sel.partial_ties() || logical_index(layout, i) <= sel.tie_cut;
 }
 
-// Pass E over [begin, end) of one sample, for kept := key >= from (a vectorisable map).
-template <typename scalar_t>
-void write_range(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, key_type<scalar_t> from,
-                 Variant variant, acc_type<scalar_t> constant) {
-  using acc_t = acc_type<scalar_t>;
-  switch (variant) {
-    case Variant::Prune:
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = keep_or_zero(in[i], order_key(in[i]) >= from);
-      }
-      break;
-    case Variant::Binarize: {
-      const scalar_t fill = static_cast<scalar_t>(constant);
-      for (int64_t i = begin; i < end; ++i) {
-        out[i] = keep_or_zero(fill, order_key(in[i]) >= from);
-      }
-      break;
-    }
-    case Variant::Scale:
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t scaled = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * constant);
-        out[i] = keep_or_zero(scaled, order_key(in[i]) >= from);
-      }
-      break;
-  }
-}
-
-// Pass E for the forward op over [begin, end) of one sample. `constant` is ASH-B's fill or
-// ASH-S's factor.
-template <typename scalar_t>
-void write_forward(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, Variant variant,
-                   const Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel, acc_type<scalar_t> constant,
-                   const SampleLayout& layout) {
+// Calls range(begin, end, from) over [begin, end) so that within each call "kept" is exactly
+// key >= from -- vectorisable maps -- or, for a permuted layout with partial ties (and for NaN
+// ties, whose key has no successor), element(i, kept) one element at a time.
+template <typename scalar_t, typename Range, typename Element>
+void for_kept_ranges(const scalar_t* in, int64_t begin, int64_t end,
+                     const Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel, const SampleLayout& layout,
+                     const Range& range, const Element& element) {
   using key_t = key_type<scalar_t>;
   const key_t threshold = sel.threshold;
   if (!sel.partial_ties()) {
-    write_range(in, out, begin, end, threshold, variant, constant);
-    return;
-  }
-  // Only some ties are kept. In memory order == logical order, ties up to offset tie_cut are
-  // kept and later ones dropped: two vectorisable ranges. (threshold + 1 exists unless the
-  // ties are NaNs, whose key is the largest; they take the general path below.)
-  if (!layout.permuted && threshold != std::numeric_limits<key_t>::max()) {
+    range(begin, end, threshold);
+  } else if (!layout.permuted && threshold != std::numeric_limits<key_t>::max()) {
+    // Memory order is logical order: ties up to offset tie_cut are kept, later ones dropped.
     const int64_t split = std::clamp(sel.tie_cut + 1, begin, end);
-    write_range(in, out, begin, split, threshold, variant, constant);
-    write_range(in, out, split, end, static_cast<key_t>(threshold + 1), variant, constant);
-    return;
-  }
-  using acc_t = acc_type<scalar_t>;
-  for (int64_t i = begin; i < end; ++i) {
-    scalar_t value(0);
-    if (is_kept(sel, layout, order_key(in[i]), i)) {
-      value = variant == Variant::Prune      ? in[i]
-              : variant == Variant::Binarize ? static_cast<scalar_t>(constant)
-                                             : static_cast<scalar_t>(static_cast<acc_t>(in[i]) * constant);
+    range(begin, split, threshold);
+    range(split, end, static_cast<key_t>(threshold + 1));
+  } else {
+    for (int64_t i = begin; i < end; ++i) {
+      element(i, is_kept(sel, layout, order_key(in[i]), i));
     }
-    out[i] = value;
   }
-}
-
-// The per-sample constant of the forward pass: the fill of ASH-B, the factor of ASH-S.
-template <typename key_t, typename acc_t>
-acc_t forward_constant(const Selection<key_t, acc_t>& sel, Variant variant, int64_t k, acc_t threshold_value) {
-  switch (variant) {
-    case Variant::Binarize:
-      return sel.sum / static_cast<acc_t>(k);
-    case Variant::Scale: {
-      const acc_t kept_sum = sel.above_sum + static_cast<acc_t>(sel.need) * threshold_value;
-      return scale_factor(sel.sum, kept_sum);
-    }
-    case Variant::Prune:
-      break;
-  }
-  return acc_t(1);
 }
 
 int64_t max_threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
-// Runs `per_sample(b, chunks)` for every sample: samples in parallel when there are enough of
-// them, else one at a time with `chunks` > 1 telling the sample's passes to split.
+// Runs per_sample(b, parallel_chunks) for every sample: samples in parallel when there are
+// enough of them, else one at a time with each sample's passes split over the threads.
 template <typename F>
-void for_each_sample(const SampleLayout& layout, int64_t min_chunk, const F& per_sample) {
+void for_each_sample(const SampleLayout& layout, const F& per_sample) {
   const int64_t threads = max_threads();
-  const int64_t split = std::min<int64_t>(threads, std::max<int64_t>(1, layout.n / min_chunk));
+  const int64_t split = std::min<int64_t>(threads, std::max<int64_t>(1, layout.n / kMinChunk));
   if (layout.batch >= threads || split <= 1) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, layout.n));
     at::parallel_for(0, layout.batch, grain, [&](int64_t begin, int64_t end) {
@@ -456,7 +437,92 @@ void for_each_sample(const SampleLayout& layout, int64_t min_chunk, const F& per
   }
 }
 
-constexpr int64_t kMinChunk = 16384;  // below this a sample is not split over threads
+// One Scratch per thread, made on a thread's first use within one op call.
+template <typename key_t>
+class ScratchPool {
+ public:
+  explicit ScratchPool(int64_t n) : n_(n), slots_(static_cast<size_t>(max_threads() + 1)) {}
+  Scratch<key_t>& get() {
+    const size_t slot = std::min<size_t>(static_cast<size_t>(at::get_thread_num()), slots_.size() - 1);
+    if (!slots_[slot]) {
+      slots_[slot] = std::make_unique<Scratch<key_t>>(n_);
+    }
+    return *slots_[slot];
+  }
+
+ private:
+  int64_t n_;
+  std::vector<std::unique_ptr<Scratch<key_t>>> slots_;
+};
+
+// The sums of a chunk's sum blocks over the kept values only (ASH-S's s2), each block masked
+// into a buffer and then summed, both vectorisable.
+template <typename scalar_t>
+void kept_block_sums(const scalar_t* in, const ChunkPlan& plan, int64_t c,
+                     const Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel, const SampleLayout& layout,
+                     acc_type<scalar_t>* block_sums) {
+  using key_t = key_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  std::vector<scalar_t> masked(static_cast<size_t>(kSumBlock));
+  for (int64_t block = plan.first_block(c); block < plan.last_block(c); ++block) {
+    const int64_t begin = block * kSumBlock;
+    const int64_t end = std::min(plan.n, begin + kSumBlock);
+    scalar_t* buffer = masked.data() - begin;  // indexed by the sample offset
+    for_kept_ranges(
+        in, begin, end, sel, layout,
+        [&](int64_t b, int64_t e, key_t from) {
+          for (int64_t i = b; i < e; ++i) {
+            buffer[i] = keep_or_zero(in[i], order_key(in[i]) >= from);
+          }
+        },
+        [&](int64_t i, bool kept) { buffer[i] = keep_or_zero(in[i], kept); });
+    block_sums[block] = block_sum<acc_t>(end - begin, [&](int64_t i) { return static_cast<acc_t>(masked[i]); });
+  }
+}
+
+// Pass E over [begin, end) of a sample: out = value(in[i]) where kept, else +0.0. `constant` is
+// ASH-B's fill or ASH-S's factor.
+template <typename scalar_t>
+void write_forward(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, Variant variant,
+                   acc_type<scalar_t> constant, const Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel,
+                   const SampleLayout& layout) {
+  using key_t = key_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  // Each variant as a range map (kept == key >= from) and a one-element form.
+  auto emit = [&](auto kept_value) {
+    for_kept_ranges(
+        in, begin, end, sel, layout,
+        [&](int64_t b, int64_t e, key_t from) {
+          for (int64_t i = b; i < e; ++i) {
+            out[i] = kept_value(i, order_key(in[i]) >= from);
+          }
+        },
+        [&](int64_t i, bool kept) { out[i] = kept_value(i, kept); });
+  };
+  const scalar_t fill = static_cast<scalar_t>(constant);
+  switch (variant) {
+    case Variant::Prune:
+      emit([&](int64_t i, bool kept) { return keep_or_zero(in[i], kept); });
+      break;
+    case Variant::Binarize:
+      emit([&](int64_t, bool kept) { return keep_or_zero(fill, kept); });
+      break;
+    case Variant::Scale:
+      if (std::isfinite(constant)) {
+        // Mask, then scale: a dropped +0.0 stays +0.0 (the factor exp(...) is >= 0), and the
+        // mask applies to loaded bits, which vectorises.
+        emit([&](int64_t i, bool kept) {
+          return static_cast<scalar_t>(static_cast<acc_t>(keep_or_zero(in[i], kept)) * constant);
+        });
+      } else {
+        // An infinite or NaN factor: kept values follow IEEE (0 * inf = NaN), dropped stay +0.0.
+        emit([&](int64_t i, bool kept) {
+          return keep_or_zero(static_cast<scalar_t>(static_cast<acc_t>(in[i]) * constant), kept);
+        });
+      }
+      break;
+  }
+}
 
 template <typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant, const SampleLayout& layout) {
@@ -472,27 +538,22 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant
     return;
   }
   const SampleSelector<scalar_t> selector{layout, k};
-  // Scratch per thread, allocated on first use by that thread for this call.
-  const int64_t threads = max_threads();
-  std::vector<std::unique_ptr<Scratch<key_t>>> scratch(static_cast<size_t>(threads + 1));
-  auto scratch_for_thread = [&]() -> Scratch<key_t>& {
-    const int64_t t = std::min<int64_t>(at::get_thread_num(), threads);
-    if (!scratch[t]) {
-      scratch[t] = std::make_unique<Scratch<key_t>>(n);
-    }
-    return *scratch[t];
-  };
-  for_each_sample(layout, kMinChunk, [&](int64_t b, int64_t chunks) {
+  ScratchPool<key_t> pool(n);
+  for_each_sample(layout, [&](int64_t b, int64_t parallel_chunks) {
     const scalar_t* in = in_base + b * n;
-    scalar_t* out_sample = out_base + b * n;
-    const auto sel = selector.select(in, scratch_for_thread(), chunks);
-    const acc_t constant =
-        forward_constant(sel, variant, k, static_cast<acc_t>(value_of_key<scalar_t>(sel.threshold)));
-    SampleSelector<scalar_t>::run_chunks(chunks, [&](int64_t c) {
-      const int64_t chunk_len = (n + chunks - 1) / chunks;
-      const int64_t begin = c * chunk_len;
-      write_forward(in, out_sample, begin, std::min(n, begin + chunk_len), variant, sel, constant, layout);
-    });
+    scalar_t* dst = out_base + b * n;
+    const auto sel = selector.select(in, pool.get(), parallel_chunks);
+    const ChunkPlan plan(n, parallel_chunks);
+    acc_t constant = 0;
+    if (variant == Variant::Scale) {
+      std::vector<acc_t> kept_sums(static_cast<size_t>(plan.blocks), acc_t(0));
+      run_chunks(plan.chunks, [&](int64_t c) { kept_block_sums(in, plan, c, sel, layout, kept_sums.data()); });
+      constant = scale_factor(sel.sum, ordered_total(kept_sums));
+    } else if (variant == Variant::Binarize) {
+      constant = sel.sum / static_cast<acc_t>(k);
+    }
+    run_chunks(plan.chunks,
+               [&](int64_t c) { write_forward(in, dst, plan.begin(c), plan.end(c), variant, constant, sel, layout); });
   });
 }
 
@@ -510,7 +571,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
     return;
   }
   const SampleSelector<scalar_t> selector{layout, k};
-  // The backward is not on the inference path: one sample per task, no intra-sample split.
+  // The backward is not on the inference path: one sample per task, a plain loop per sample.
   at::parallel_for(0, layout.batch, 1, [&](int64_t begin, int64_t end) {
     Scratch<key_t> scratch(n);
     for (int64_t b = begin; b < end; ++b) {
@@ -518,45 +579,38 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
       const scalar_t* gs = g_base + b * n;
       scalar_t* gxs = gx_base + b * n;
       const auto sel = selector.select(xs, scratch, 1);
-      // Sums over the kept elements: of g (ASH-B) and of g * x (ASH-S).
+      // Sums over the kept elements: of x (s2), of g (ASH-B) and of g * x (ASH-S).
+      acc_t kept_x = 0;
       acc_t kept_grad = 0;
       acc_t kept_grad_x = 0;
       for (int64_t i = 0; i < n; ++i) {
         if (is_kept(sel, layout, order_key(xs[i]), i)) {
+          kept_x += static_cast<acc_t>(xs[i]);
           kept_grad += static_cast<acc_t>(gs[i]);
           kept_grad_x += static_cast<acc_t>(gs[i]) * static_cast<acc_t>(xs[i]);
         }
       }
-      const acc_t threshold_value = static_cast<acc_t>(value_of_key<scalar_t>(sel.threshold));
       const acc_t s1 = sel.sum;
-      const acc_t s2 = sel.above_sum + static_cast<acc_t>(sel.need) * threshold_value;
-      switch (variant) {
-        case Variant::Prune:
-          for (int64_t i = 0; i < n; ++i) {
-            gxs[i] = is_kept(sel, layout, order_key(xs[i]), i) ? gs[i] : scalar_t(0);
+      const acc_t s2 = kept_x;
+      if (variant == Variant::Binarize) {
+        std::fill(gxs, gxs + n, static_cast<scalar_t>(kept_grad / static_cast<acc_t>(k)));
+      } else if (variant == Variant::Prune || s2 == acc_t(0)) {
+        // ASH-S with a kept sum of 0 has the constant factor 1 (see scale_factor): as ASH-P.
+        for (int64_t i = 0; i < n; ++i) {
+          gxs[i] = keep_or_zero(gs[i], is_kept(sel, layout, order_key(xs[i]), i));
+        }
+      } else {
+        // y_i = m_i x_i E, E = exp(s1 / s2): dL/dx_j = E (m_j (g_j - G s1 / s2^2) + G / s2),
+        // with G = sum_i m_i g_i x_i.
+        const acc_t factor = scale_factor(s1, s2);
+        const acc_t shared = factor * kept_grad_x / s2;
+        const acc_t kept_shift = kept_grad_x * s1 / (s2 * s2);
+        for (int64_t i = 0; i < n; ++i) {
+          acc_t value = shared;
+          if (is_kept(sel, layout, order_key(xs[i]), i)) {
+            value += factor * (static_cast<acc_t>(gs[i]) - kept_shift);
           }
-          break;
-        case Variant::Binarize:
-          std::fill(gxs, gxs + n, static_cast<scalar_t>(kept_grad / static_cast<acc_t>(k)));
-          break;
-        case Variant::Scale: {
-          if (s2 == acc_t(0)) {  // the factor is the constant 1 there (see scale_factor)
-            for (int64_t i = 0; i < n; ++i) {
-              gxs[i] = is_kept(sel, layout, order_key(xs[i]), i) ? gs[i] : scalar_t(0);
-            }
-            break;
-          }
-          const acc_t factor = scale_factor(s1, s2);
-          const acc_t shared = factor * kept_grad_x / s2;                  // E * G / s2, to every element
-          const acc_t kept_shift = kept_grad_x * s1 / (s2 * s2);           // G * s1 / s2^2, kept only
-          for (int64_t i = 0; i < n; ++i) {
-            acc_t value = shared;
-            if (is_kept(sel, layout, order_key(xs[i]), i)) {
-              value += factor * (static_cast<acc_t>(gs[i]) - kept_shift);
-            }
-            gxs[i] = static_cast<scalar_t>(value);
-          }
-          break;
+          gxs[i] = static_cast<scalar_t>(value);
         }
       }
     }
