@@ -27,7 +27,9 @@ def check_percentile(percentile: object) -> float:
     [0, 1], NaN and infinities; values that look like percents get a hint.
     """
     if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
-        raise TypeError(f"percentile must be a real number in [0, 1], got {percentile!r} of type {type(percentile).__name__}")
+        raise TypeError(
+            f"percentile must be a real number in [0, 1], got {percentile!r} of type {type(percentile).__name__}"
+        )
     value = float(percentile)
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         hint = f"; use {value / 100:g} instead of {value:g}" if 1.0 < value <= 100.0 else ""
@@ -50,7 +52,8 @@ def check_input(x: object) -> torch.Tensor:
         raise TypeError(f"ASH supports float16, bfloat16, float32 and float64 inputs, got dtype {x.dtype}")
     if x.dim() < 2:
         raise ValueError(
-            f"ASH needs an input of at least 2 dimensions (batch, features...), got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+            "ASH needs an input of at least 2 dimensions (batch, features...), "
+            f"got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
         )
     return x
 
@@ -67,3 +70,12 @@ def kept_count(n: int, percentile: float) -> int:
     ``int(np.round(n * percentile))`` (Python's ``round`` on a float does the same).
     """
     return n - int(round(n * percentile))
+
+
+def check_inplace_allowed(x: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` if writing ASH's result into ``x`` would bypass autograd."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "ASH with inplace=True is not differentiable and x requires grad; use inplace=False "
+            "or run under torch.no_grad()"
+        )

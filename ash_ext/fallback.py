@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._semantics import check_input, check_percentile, kept_count, sample_size
+from ._semantics import check_inplace_allowed, check_input, check_percentile, kept_count, sample_size
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,7 +68,10 @@ def _public(variant: str):
     def apply(x: Tensor, percentile: float = 0.65, *, inplace: bool = False) -> Tensor:
         check_input(x)
         k = kept_count(sample_size(x), check_percentile(percentile))
-        return shape_(x, k, variant) if inplace else shape(x, k, variant)
+        if inplace:
+            check_inplace_allowed(x)
+            return shape_(x, k, variant)
+        return shape(x, k, variant)
 
     apply.__name__ = variant.replace("-", "_")
     apply.__doc__ = f"{variant.upper()} in pure PyTorch; same arguments and semantics as ``ash_ext.{apply.__name__}``."

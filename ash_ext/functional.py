@@ -8,7 +8,15 @@ from torch import Tensor
 
 from . import fallback
 from ._ops import FALLBACK, implementation_for
-from ._semantics import VARIANT_CODES, check_input, check_percentile, check_variant, kept_count, sample_size
+from ._semantics import (
+    VARIANT_CODES,
+    check_inplace_allowed,
+    check_input,
+    check_percentile,
+    check_variant,
+    kept_count,
+    sample_size,
+)
 
 
 def shape(x: Tensor, percentile: float = 0.65, variant: str = "ash-s", *, inplace: bool = False) -> Tensor:
@@ -23,11 +31,7 @@ def shape(x: Tensor, percentile: float = 0.65, variant: str = "ash-s", *, inplac
     k = kept_count(sample_size(x), check_percentile(percentile))
     use_fallback = implementation_for(x) == FALLBACK
     if inplace:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                "ASH with inplace=True is not differentiable and x requires grad; use inplace=False "
-                "or run under torch.no_grad()"
-            )
+        check_inplace_allowed(x)
         if use_fallback:
             return fallback.shape_(x, k, variant)
         torch.ops.ash_ext.ash_(x, k, VARIANT_CODES[variant])

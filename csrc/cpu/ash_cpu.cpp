@@ -36,10 +36,21 @@
 namespace ash_ext {
 namespace {
 
-constexpr int kFirstDigitBits = 11;
-constexpr int64_t kFirstBuckets = int64_t(1) << kFirstDigitBits;
-constexpr int kLaterDigitBits = 11;
-constexpr int kHistCopies = 4;        // interleaved histograms, so runs of equal keys do not serialise
+// Digit widths: 11-bit digits for long samples; short ones (pooled features) use 8-bit digits,
+// whose histograms cost little to clear and scan next to a sample of a few thousand values.
+struct LongSampleRadix {
+  static constexpr int kFirstBits = 11;
+  static constexpr int kLaterBits = 11;
+  static constexpr int kHistCopies = 4;  // interleaved histograms: runs of equal keys don't serialise
+  static constexpr int64_t kFirstBuckets = int64_t(1) << kFirstBits;
+};
+struct ShortSampleRadix {
+  static constexpr int kFirstBits = 8;
+  static constexpr int kLaterBits = 8;
+  static constexpr int kHistCopies = 2;
+  static constexpr int64_t kFirstBuckets = int64_t(1) << kFirstBits;
+};
+constexpr int64_t kShortSample = 16384;  // samples up to this size use ShortSampleRadix
 constexpr int64_t kLanes = 16;        // independent accumulators: vectorisable, fixed order
 constexpr int64_t kTile = 256;        // keys computed per vectorised step
 constexpr int64_t kSumBlock = 4096;   // sums are taken per block of this many values, then in order
@@ -48,9 +59,9 @@ constexpr int kWindowRadius = 1;      // digits gathered on either side of the p
 
 static_assert(kSumBlock % kTile == 0 && kTile % kLanes == 0, "blocks must hold whole tiles");
 
-template <typename key_t>
+template <typename Radix, typename key_t>
 constexpr int first_shift() {
-  return key_bits<key_t>() - kFirstDigitBits;
+  return key_bits<key_t>() - Radix::kFirstBits;
 }
 
 // What the selection found for one sample.
@@ -65,13 +76,14 @@ struct Selection {
 };
 
 // A thread's working memory, reused across the samples it handles.
-template <typename key_t>
+template <typename Radix, typename key_t>
 struct Scratch {
   std::vector<uint32_t> hist;        // kHistCopies * kFirstBuckets
   std::vector<key_t> candidates;     // gathered keys
   std::vector<int64_t> tie_indices;  // logical indices of ties, permuted layouts only
+  std::vector<int64_t> counts;       // top-digit counts, one histogram per chunk
   int64_t predicted_digit = -1;      // the previous sample's threshold digit, -1 for none
-  explicit Scratch(int64_t n) : hist(kHistCopies * kFirstBuckets), candidates(static_cast<size_t>(n)) {}
+  explicit Scratch(int64_t n) : hist(Radix::kHistCopies * Radix::kFirstBuckets), candidates(static_cast<size_t>(n)) {}
 };
 
 // Digits [lo, hi] of the top-digit window gathered during pass A (empty when lo > hi).
@@ -136,13 +148,15 @@ inline void gather_digits(const key_t* keys, int64_t len, int shift, key_t lo, k
 // Pass A over the sum blocks [first_block, last_block): each block's sum into block_sums, the
 // top-digit histogram added to `counts`, and the keys in `window` appended to `gathered`
 // (which has room for every value of the range). Returns the number gathered.
-template <typename scalar_t>
+template <typename Radix, typename scalar_t>
 int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, DigitWindow window,
                uint32_t* hist, int64_t* counts, acc_type<scalar_t>* block_sums, key_type<scalar_t>* gathered) {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
-  constexpr int shift = first_shift<key_t>();
-  std::fill(hist, hist + kHistCopies * kFirstBuckets, 0u);
+  constexpr int shift = first_shift<Radix, key_t>();
+  constexpr int copies = Radix::kHistCopies;
+  constexpr int64_t buckets = Radix::kFirstBuckets;
+  std::fill(hist, hist + copies * buckets, 0u);
   key_t keys[kTile];
   int64_t count = 0;
   const key_t lo = static_cast<key_t>(window.lo);
@@ -155,7 +169,7 @@ int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_
       const int64_t len = std::min(kTile, end - tile);
       keys_of_tile(in + tile, len, keys);
       for (int64_t j = 0; j < len; ++j) {
-        ++hist[(j % kHistCopies) * kFirstBuckets + (keys[j] >> shift)];
+        ++hist[(j % copies) * buckets + (keys[j] >> shift)];
       }
       if (!window.empty()) {
         gather_digits(keys, len, shift, lo, span, gathered, &count);
@@ -164,10 +178,10 @@ int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_
   }
   // Per-call counts stay below 2^32 (a block range is at most the sample), so uint32 is exact
   // as long as one call covers fewer than 2^32 values; callers split larger ranges.
-  for (int64_t b = 0; b < kFirstBuckets; ++b) {
+  for (int64_t b = 0; b < buckets; ++b) {
     int64_t c = 0;
-    for (int copy = 0; copy < kHistCopies; ++copy) {
-      c += hist[copy * kFirstBuckets + b];
+    for (int copy = 0; copy < copies; ++copy) {
+      c += hist[copy * buckets + b];
     }
     counts[b] += c;
   }
@@ -175,7 +189,7 @@ int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_
 }
 
 // Pass B over [begin, end): appends the keys whose top digit is `digit` to `gathered`.
-template <typename scalar_t>
+template <typename Radix, typename scalar_t>
 int64_t pass_b(const scalar_t* in, int64_t begin, int64_t end, key_type<scalar_t> digit,
                key_type<scalar_t>* gathered) {
   using key_t = key_type<scalar_t>;
@@ -184,7 +198,7 @@ int64_t pass_b(const scalar_t* in, int64_t begin, int64_t end, key_type<scalar_t
   for (int64_t tile = begin; tile < end; tile += kTile) {
     const int64_t len = std::min(kTile, end - tile);
     keys_of_tile(in + tile, len, keys);
-    gather_digits(keys, len, first_shift<key_t>(), digit, key_t(0), gathered, &count);
+    gather_digits(keys, len, first_shift<Radix, key_t>(), digit, key_t(0), gathered, &count);
   }
   return count;
 }
@@ -206,13 +220,13 @@ int64_t find_bucket(const int64_t* counts, int64_t buckets, int64_t want, int64_
 
 // Pass C: selects the digits below the first among the gathered keys (which all share the
 // first digit) and sets sel.threshold, sel.ties and sel.need.
-template <typename key_t, typename acc_t>
+template <typename Radix, typename key_t, typename acc_t>
 void select_among_candidates(key_t* keys, int64_t count, int64_t want, Selection<key_t, acc_t>& sel) {
   constexpr int total_bits = key_bits<key_t>();
-  std::array<int64_t, (1 << kLaterDigitBits)> counts;
-  int done_bits = kFirstDigitBits;
+  std::array<int64_t, (1 << Radix::kLaterBits)> counts;
+  int done_bits = Radix::kFirstBits;
   while (done_bits < total_bits) {
-    const int digit_bits = std::min(kLaterDigitBits, total_bits - done_bits);
+    const int digit_bits = std::min(Radix::kLaterBits, total_bits - done_bits);
     const int shift = total_bits - done_bits - digit_bits;
     const key_t mask = static_cast<key_t>((key_t(1) << digit_bits) - 1);
     const int64_t buckets = int64_t(1) << digit_bits;
@@ -279,7 +293,7 @@ acc_t ordered_total(const std::vector<acc_t>& block_sums) {
 }
 
 // Selects a sample's k-th largest key (k >= 1).
-template <typename scalar_t>
+template <typename Radix, typename scalar_t>
 struct SampleSelector {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
@@ -289,7 +303,9 @@ struct SampleSelector {
 
   // `parallel_chunks` > 1 spreads passes A and B over threads; it must be 1 inside a parallel
   // region.
-  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<key_t>& scratch, int64_t parallel_chunks) const {
+  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<Radix, key_t>& scratch, int64_t parallel_chunks) const {
+    constexpr int64_t kFirstBuckets = Radix::kFirstBuckets;
+    constexpr int kHistCopies = Radix::kHistCopies;
     const int64_t n = layout.n;
     const ChunkPlan plan(n, parallel_chunks);
     Selection<key_t, acc_t> sel;
@@ -300,7 +316,8 @@ struct SampleSelector {
     }
 
     // A: sums, histogram, and the window's keys (each chunk into its own stretch of the buffer).
-    std::vector<int64_t> counts(static_cast<size_t>(kFirstBuckets * plan.chunks), 0);
+    std::vector<int64_t>& counts = scratch.counts;
+    counts.assign(static_cast<size_t>(kFirstBuckets * plan.chunks), 0);
     std::vector<acc_t> block_sums(static_cast<size_t>(plan.blocks), acc_t(0));
     std::vector<int64_t> gathered(static_cast<size_t>(plan.chunks), 0);
     key_t* candidates = scratch.candidates.data();
@@ -311,7 +328,7 @@ struct SampleSelector {
         own_hist.resize(kHistCopies * kFirstBuckets);
         hist = own_hist.data();
       }
-      gathered[c] = pass_a(in, n, plan.first_block(c), plan.last_block(c), window, hist,
+      gathered[c] = pass_a<Radix>(in, n, plan.first_block(c), plan.last_block(c), window, hist,
                            counts.data() + c * kFirstBuckets, block_sums.data(), candidates + plan.begin(c));
     });
     for (int64_t c = 1; c < plan.chunks; ++c) {
@@ -327,7 +344,7 @@ struct SampleSelector {
     int64_t count = 0;
     if (window.contains(digit)) {
       // The guess held: keep the gathered keys of the threshold's digit, in chunk order.
-      constexpr int shift = first_shift<key_t>();
+      constexpr int shift = first_shift<Radix, key_t>();
       for (int64_t c = 0; c < plan.chunks; ++c) {
         const key_t* from = candidates + plan.begin(c);
         for (int64_t i = 0; i < gathered[c]; ++i) {
@@ -338,7 +355,7 @@ struct SampleSelector {
     } else {
       // B: gather the threshold digit's keys.
       run_chunks(plan.chunks, [&](int64_t c) {
-        gathered[c] = pass_b(in, plan.begin(c), plan.end(c), static_cast<key_t>(digit), candidates + plan.begin(c));
+        gathered[c] = pass_b<Radix>(in, plan.begin(c), plan.end(c), static_cast<key_t>(digit), candidates + plan.begin(c));
       });
       for (int64_t c = 0; c < plan.chunks; ++c) {
         std::memmove(candidates + count, candidates + plan.begin(c), gathered[c] * sizeof(key_t));
@@ -347,7 +364,7 @@ struct SampleSelector {
     }
 
     // C: the remaining digits among the gathered keys.
-    select_among_candidates(candidates, count, k - above, sel);
+    select_among_candidates<Radix>(candidates, count, k - above, sel);
 
     // D: where only some ties are kept, the logical index of the last kept one.
     if (sel.partial_ties()) {
@@ -356,7 +373,7 @@ struct SampleSelector {
     return sel;
   }
 
-  int64_t find_tie_cut(const scalar_t* in, const Selection<key_t, acc_t>& sel, Scratch<key_t>& scratch) const {
+  int64_t find_tie_cut(const scalar_t* in, const Selection<key_t, acc_t>& sel, Scratch<Radix, key_t>& scratch) const {
     const int64_t n = layout.n;
     if (!layout.permuted) {
       // Memory order is logical order: the need-th tie met is the last one kept.
@@ -438,21 +455,21 @@ void for_each_sample(const SampleLayout& layout, const F& per_sample) {
 }
 
 // One Scratch per thread, made on a thread's first use within one op call.
-template <typename key_t>
+template <typename Radix, typename key_t>
 class ScratchPool {
  public:
   explicit ScratchPool(int64_t n) : n_(n), slots_(static_cast<size_t>(max_threads() + 1)) {}
-  Scratch<key_t>& get() {
+  Scratch<Radix, key_t>& get() {
     const size_t slot = std::min<size_t>(static_cast<size_t>(at::get_thread_num()), slots_.size() - 1);
     if (!slots_[slot]) {
-      slots_[slot] = std::make_unique<Scratch<key_t>>(n_);
+      slots_[slot] = std::make_unique<Scratch<Radix, key_t>>(n_);
     }
     return *slots_[slot];
   }
 
  private:
   int64_t n_;
-  std::vector<std::unique_ptr<Scratch<key_t>>> slots_;
+  std::vector<std::unique_ptr<Scratch<Radix, key_t>>> slots_;
 };
 
 // The sums of a chunk's sum blocks over the kept values only (ASH-S's s2), each block masked
@@ -463,11 +480,11 @@ void kept_block_sums(const scalar_t* in, const ChunkPlan& plan, int64_t c,
                      acc_type<scalar_t>* block_sums) {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
-  std::vector<scalar_t> masked(static_cast<size_t>(kSumBlock));
+  const auto masked = std::make_unique_for_overwrite<scalar_t[]>(static_cast<size_t>(std::min(kSumBlock, plan.n)));
   for (int64_t block = plan.first_block(c); block < plan.last_block(c); ++block) {
     const int64_t begin = block * kSumBlock;
     const int64_t end = std::min(plan.n, begin + kSumBlock);
-    scalar_t* buffer = masked.data() - begin;  // indexed by the sample offset
+    scalar_t* buffer = masked.get() - begin;  // indexed by the sample offset
     for_kept_ranges(
         in, begin, end, sel, layout,
         [&](int64_t b, int64_t e, key_t from) {
@@ -524,7 +541,7 @@ void write_forward(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end
   }
 }
 
-template <typename scalar_t>
+template <typename Radix, typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant, const SampleLayout& layout) {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
@@ -537,8 +554,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant
     });
     return;
   }
-  const SampleSelector<scalar_t> selector{layout, k};
-  ScratchPool<key_t> pool(n);
+  const SampleSelector<Radix, scalar_t> selector{layout, k};
+  ScratchPool<Radix, key_t> pool(n);
   for_each_sample(layout, [&](int64_t b, int64_t parallel_chunks) {
     const scalar_t* in = in_base + b * n;
     scalar_t* dst = out_base + b * n;
@@ -557,7 +574,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant
   });
 }
 
-template <typename scalar_t>
+template <typename Radix, typename scalar_t>
 void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k, Variant variant,
                    const SampleLayout& layout) {
   using key_t = key_type<scalar_t>;
@@ -570,10 +587,10 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
     grad_x.zero_();
     return;
   }
-  const SampleSelector<scalar_t> selector{layout, k};
+  const SampleSelector<Radix, scalar_t> selector{layout, k};
   // The backward is not on the inference path: one sample per task, a plain loop per sample.
   at::parallel_for(0, layout.batch, 1, [&](int64_t begin, int64_t end) {
-    Scratch<key_t> scratch(n);
+    Scratch<Radix, key_t> scratch(n);
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* xs = x_base + b * n;
       const scalar_t* gs = g_base + b * n;
@@ -602,9 +619,11 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
       } else {
         // y_i = m_i x_i E, E = exp(s1 / s2): dL/dx_j = E (m_j (g_j - G s1 / s2^2) + G / s2),
         // with G = sum_i m_i g_i x_i.
+        // Divided step by step: s2 * s2 and G * s1 overflow long before the result does.
         const acc_t factor = scale_factor(s1, s2);
-        const acc_t shared = factor * kept_grad_x / s2;
-        const acc_t kept_shift = kept_grad_x * s1 / (s2 * s2);
+        const acc_t grad_per_kept = kept_grad_x / s2;  // G / s2
+        const acc_t shared = factor * grad_per_kept;
+        const acc_t kept_shift = grad_per_kept * (s1 / s2);
         for (int64_t i = 0; i < n; ++i) {
           acc_t value = shared;
           if (is_kept(sel, layout, order_key(xs[i]), i)) {
@@ -623,14 +642,26 @@ void ash_forward_cpu(const at::Tensor& x, const at::Tensor& out, int64_t k, Vari
                      const SampleLayout& layout) {
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), "ash_ext: the CPU kernel got a tensor on ", x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_forward_cpu",
-                                  [&] { forward_impl<scalar_t>(x, out, k, variant, layout); });
+                                  [&] {
+                                    if (layout.n <= kShortSample) {
+                                      forward_impl<ShortSampleRadix, scalar_t>(x, out, k, variant, layout);
+                                    } else {
+                                      forward_impl<LongSampleRadix, scalar_t>(x, out, k, variant, layout);
+                                    }
+                                  });
 }
 
 void ash_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k,
                       Variant variant, const SampleLayout& layout) {
   TORCH_CHECK(x.device().is_cpu(), "ash_ext: the CPU kernel got a tensor on ", x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_backward_cpu",
-                                  [&] { backward_impl<scalar_t>(grad, x, grad_x, k, variant, layout); });
+                                  [&] {
+                                    if (layout.n <= kShortSample) {
+                                      backward_impl<ShortSampleRadix, scalar_t>(grad, x, grad_x, k, variant, layout);
+                                    } else {
+                                      backward_impl<LongSampleRadix, scalar_t>(grad, x, grad_x, k, variant, layout);
+                                    }
+                                  });
 }
 
 namespace {

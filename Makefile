@@ -1,0 +1,45 @@
+# Set-up, build, tests and the benchmark, for a fresh machine with Python 3 and a C++ compiler.
+#   make bench   - the main job: ash_ext against the reference (python -m ash_ext bench)
+#   make test    - lint and the test suite
+# Both create .venv, install what is needed and build the extension first.
+
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# torch 2.14.1 is a CUDA 13.0 build: with a CUDA toolkit present the CUDA kernels are compiled
+# too (no GPU needed). TORCH_CUDA_ARCH_LIST defaults to sm_90 here to keep the build short;
+# setup.py's own default, for pip installs, is sm_80, sm_86, sm_89 and sm_90.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 9.0
+BENCH_ARGS ?=
+export CUDA_HOME TORCH_CUDA_ARCH_LIST
+
+.PHONY: setup build test lint bench clean
+
+$(VENV)/.deps-ready:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet ninja numpy scipy typing_extensions matplotlib pytest hypothesis pytest-benchmark ruff
+	# pytorch-ood 0.4.0, for parity tests and the benchmark; --no-deps keeps the torch above.
+	$(PY) -m pip install --quiet --no-deps pytorch-ood==0.4.0
+	touch $@
+
+setup: $(VENV)/.deps-ready
+
+build: setup
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e .
+	$(PY) -c "import ash_ext; print('ash_ext built: extension', ash_ext.extension_loaded(), '| CUDA kernels', ash_ext.compiled_with_cuda())"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: build lint
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+bench: build
+	$(PY) -m ash_ext bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build *.egg-info ash_ext/_C*.so
