@@ -51,11 +51,22 @@ def _extensions() -> list:
         and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
     )
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + os.environ.get("ASH_EXT_EXTRA_CXXFLAGS", "").split()
+    # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp it runs serially.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    cxx_flags += os.environ.get("ASH_EXT_EXTRA_CXXFLAGS", "").split()
+    link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not use_cuda:
         print("ash_ext: building the CPU kernel only", file=sys.stderr)
-        return [CppExtension("ash_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})]
+        return [
+            CppExtension(
+                "ash_ext._C",
+                sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
+            )
+        ]
 
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     print(f"ash_ext: building the CPU and CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
@@ -66,6 +77,7 @@ def _extensions() -> list:
             "ash_ext._C",
             sources,
             include_dirs=include_dirs,
+            extra_link_args=link_flags,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DASH_EXT_WITH_CUDA"],
                 "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DASH_EXT_WITH_CUDA"],
