@@ -526,11 +526,12 @@ void write_forward(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end
       break;
     case Variant::Scale:
       if (std::isfinite(constant)) {
-        // Mask, then scale: a dropped +0.0 stays +0.0 (the factor exp(...) is >= 0), and the
-        // mask applies to loaded bits, which vectorises.
-        emit([&](int64_t i, bool kept) {
-          return static_cast<scalar_t>(static_cast<acc_t>(keep_or_zero(in[i], kept)) * constant);
-        });
+        // Mask, then scale the cached result: a dropped +0.0 stays +0.0 (the factor exp(...) is
+        // >= 0). Two plain loops vectorise; masking and scaling in one loop did not.
+        emit([&](int64_t i, bool kept) { return keep_or_zero(in[i], kept); });
+        for (int64_t i = begin; i < end; ++i) {
+          out[i] = static_cast<scalar_t>(static_cast<acc_t>(out[i]) * constant);
+        }
       } else {
         // An infinite or NaN factor: kept values follow IEEE (0 * inf = NaN), dropped stay +0.0.
         emit([&](int64_t i, bool kept) {
