@@ -21,6 +21,13 @@ void ash_forward_cpu(const at::Tensor& x, const at::Tensor& out, int64_t k, Vari
 void ash_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k,
                       Variant variant, const SampleLayout& layout);
 
+#ifdef ASH_EXT_WITH_CUDA
+void ash_forward_cuda(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
+                      const SampleLayout& layout);
+void ash_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k,
+                       Variant variant, const SampleLayout& layout);
+#endif
+
 // The op front end shared by every backend: checks the arguments, brings the tensors into the
 // backend contract's layout (copying only where the input's layout does not allow it), and calls
 // the backend kernel.

@@ -199,6 +199,7 @@ PyMethodDef module_methods[] = {
 
 // Importing ash_ext._C loads the library, whose static initialisers register the ops.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "ash_ext's compiled kernels", -1, module_methods};
+  static PyModuleDef module = {
+      PyModuleDef_HEAD_INIT, "_C", "ash_ext's compiled kernels", -1, module_methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module);
 }

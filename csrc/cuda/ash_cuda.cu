@@ -1,66 +1,17 @@
-// CUDA backend of the ASH op: the ATen glue around the kernels of ash_kernels.cuh (dtype and
-// variant dispatch, the device guard and stream, scratch memory from the caching allocator) and
-// the op registrations for the CUDA dispatch key.
+// CUDA backend of the ASH op: the ATen glue (device guard, dtype dispatch, k == 0) and the op
+// registrations for the CUDA dispatch key. The kernels are in ash_kernels.cuh, launched by
+// run_ash_cuda (ash_cuda_run.cuh), compiled once per dtype in ash_cuda_<dtype>.cu.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "ash.h"
-#include "cuda/ash_kernels.cuh"
+#include "cuda/ash_cuda.h"
 
 namespace ash_ext {
-
-void ash_forward_cuda(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
-                      const SampleLayout& layout);
-void ash_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k,
-                       Variant variant, const SampleLayout& layout);
-
-namespace {
-
-// Launches on the current stream of the current device; scratch comes from the caching allocator
-// (stream-ordered, so releasing it when the op returns is safe, and fine under graph capture).
-// Nothing here synchronises with the host.
-class CudaLauncher {
- public:
-  explicit CudaLauncher(const at::Tensor& like)
-      : stream_(at::cuda::getCurrentCUDAStream()), byte_options_(like.options().dtype(at::kByte)) {}
-
-  template <typename... Params, typename... Args>
-  void launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t shared_bytes, Args... args) {
-    if (shared_bytes > kDefaultDynamicSharedLimit) {
-      // A host-side setting of the kernel (no stream work), so also fine under graph capture.
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
-    }
-    kernel<<<grid, block, shared_bytes, stream_>>>(args...);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  void* scratch(int64_t bytes, bool zeroed) {
-    buffers_.push_back(zeroed ? at::zeros({bytes}, byte_options_) : at::empty({bytes}, byte_options_));
-    return buffers_.back().data_ptr();
-  }
-
- private:
-  static constexpr size_t kDefaultDynamicSharedLimit = 48 * 1024;
-  cudaStream_t stream_;
-  at::TensorOptions byte_options_;
-  std::vector<at::Tensor> buffers_;
-};
-
-cuda_detail::DeviceLimits current_device_limits() {
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  return cuda_detail::DeviceLimits{props->multiProcessorCount,
-                                   static_cast<int64_t>(props->sharedMemPerBlockOptin)};
-}
-
-}  // namespace
 
 void ash_forward_cuda(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
                       const SampleLayout& layout) {
@@ -70,11 +21,9 @@ void ash_forward_cuda(const at::Tensor& x, const at::Tensor& out, int64_t k, Var
     out.zero_();  // nothing is kept
     return;
   }
-  CudaLauncher launcher(x);
-  const cuda_detail::DeviceLimits limits = current_device_limits();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_forward_cuda", [&] {
-    cuda_detail::run_variant<scalar_t, false>(launcher, limits, variant, x.data_ptr<scalar_t>(), nullptr,
-                                              out.data_ptr<scalar_t>(), k, layout);
+    cuda_detail::run_ash_cuda<scalar_t>(/*backward=*/false, variant, x.data_ptr<scalar_t>(), nullptr,
+                                        out.data_ptr<scalar_t>(), k, layout, x);
   });
 }
 
@@ -87,11 +36,9 @@ void ash_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Te
     grad_x.zero_();  // nothing is kept; ASH-B's gradient is 0 then too
     return;
   }
-  CudaLauncher launcher(x);
-  const cuda_detail::DeviceLimits limits = current_device_limits();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_backward_cuda", [&] {
-    cuda_detail::run_variant<scalar_t, true>(launcher, limits, variant, x.data_ptr<scalar_t>(),
-                                             grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), k, layout);
+    cuda_detail::run_ash_cuda<scalar_t>(/*backward=*/true, variant, x.data_ptr<scalar_t>(),
+                                        grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), k, layout, x);
   });
 }
 

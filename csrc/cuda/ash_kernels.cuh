@@ -52,6 +52,9 @@ constexpr int64_t kOnChipSampleBytes = 48 * 1024;
 // scratch); used only to check that a staged sample fits the device's per-block limit.
 constexpr size_t kStaticSharedAllowance = 2048;
 constexpr int kMaxBlockThreads = 512;
+// Regimes 1 and 2 keep at least two blocks of kMaxBlockThreads resident per multiprocessor (64
+// registers a thread; ptxas spills a few bytes in some instantiations).
+constexpr int kMinBlocksPerSmForBlockPerSample = 2;
 // Regime 2 needs at least this many samples per multiprocessor.
 constexpr int64_t kSamplesPerSmForBlockPerSample = 2;
 // Regime 3: blocks of kChunkThreads threads, about kChunkBlocksPerSm blocks per multiprocessor in
@@ -238,7 +241,7 @@ __device__ __forceinline__ SampleSelection<scalar_t> select_in_block(const scala
 // copy. Otherwise (regime 2) every pass reads global memory. Dynamic shared memory: the histogram
 // (kNumBins counters), then the staged sample.
 template <typename scalar_t, Variant kVariant, bool kBackward, bool kStaged>
-__global__ void __launch_bounds__(kMaxBlockThreads)
+__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSmForBlockPerSample)
     sample_per_block_kernel(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t batch, int64_t n,
                             int64_t k, const __grid_constant__ SampleLayout layout) {
   using acc_t = acc_type<scalar_t>;
@@ -363,19 +366,17 @@ __global__ void __launch_bounds__(kChunkThreads)
   __syncthreads();
   const int64_t begin = chunk * chunk_len;
   const int64_t end = min_int64(n, begin + chunk_len);
-  for_each_element(x + sample * n, begin, end, [&](int64_t offset, scalar_t value) {
+  count_digits(x + sample * n, begin, end, hist, [&](int64_t offset, scalar_t value) {
     unsigned long long key;
     if constexpr (kTiePhase) {
       if (order_key(value) != threshold) {
-        return;
+        return kNoDigit;
       }
       key = tie_key(layout, n, offset);
     } else {
       key = order_key(value);
     }
-    if ((key & decided) == prefix) {
-      atomicAdd(&hist[digit.digit(key)], 1u);
-    }
+    return (key & decided) == prefix ? digit.digit(key) : kNoDigit;
   });
   __syncthreads();
   for (int d = static_cast<int>(threadIdx.x); d < digit.bins(); d += static_cast<int>(blockDim.x)) {

@@ -62,8 +62,59 @@ __host__ __device__ inline int tie_key_bits(int64_t n) {
   return bits;
 }
 
-__device__ __forceinline__ unsigned long long tie_key(const SampleLayout& layout, int64_t n, int64_t offset) {
+// Not inlined: only tied elements need it, and the 64-bit divisions of a permuted layout's
+// logical_index would otherwise add to the register pressure of every loop that might call it.
+__device__ __noinline__ inline unsigned long long tie_key(const SampleLayout& layout, int64_t n, int64_t offset) {
   return static_cast<unsigned long long>(n - 1 - logical_index(layout, offset));
+}
+
+// Digit value meaning "not a candidate" in count_digits.
+constexpr unsigned kNoDigit = 0xffffffffu;
+
+// Adds one to hist[digit] for every lane of the warp whose digit is not kNoDigit. Lanes with the
+// same digit are combined into one atomic: runs of equal values (ReLU's zeros, say) would
+// otherwise all hit one shared counter and serialise. Every lane of the warp must call it.
+__device__ __forceinline__ void warp_count_digit(unsigned* hist, unsigned digit) {
+  const unsigned peers = __match_any_sync(kFullWarpMask, digit);
+  const unsigned lane = threadIdx.x % kWarpSize;
+  if (digit != kNoDigit && lane == static_cast<unsigned>(__ffs(peers) - 1)) {
+    atomicAdd(&hist[digit], static_cast<unsigned>(__popc(peers)));
+  }
+}
+
+// Counts digit_of(offset, value) (a digit, or kNoDigit) of the elements [begin, end) of `data`
+// into the shared histogram. Elements go to threads as in for_each_element, but every lane of a
+// warp runs the same number of rounds (lanes past the end count nothing), so that the warp-wide
+// match in warp_count_digit always has the whole warp. Every thread of the block calls it.
+template <typename scalar_t, typename DigitOf>
+__device__ __forceinline__ void count_digits(const scalar_t* data, int64_t begin, int64_t end, unsigned* hist,
+                                             DigitOf digit_of) {
+  constexpr int kPackSize = Pack<scalar_t>::kSize;
+  const int64_t packs = (end - begin) / kPackSize;
+  const bool aligned = is_pack_aligned(data + begin);
+  const int64_t lane = threadIdx.x % kWarpSize;
+  for (int64_t warp_first = threadIdx.x - lane; warp_first < packs; warp_first += blockDim.x) {
+    const int64_t g = warp_first + lane;
+    const bool in_range = g < packs;
+    const int64_t offset = begin + g * kPackSize;
+    Pack<scalar_t> pack{};
+    if (in_range) {
+      pack = load_pack(data + offset, aligned);
+    }
+#pragma unroll
+    for (int j = 0; j < kPackSize; ++j) {
+      warp_count_digit(hist, in_range ? digit_of(offset + j, pack.v[j]) : kNoDigit);
+    }
+  }
+  const int64_t tail = begin + packs * kPackSize;
+  if (tail < end && static_cast<int64_t>(threadIdx.x) == packs % static_cast<int64_t>(blockDim.x)) {
+    for (int64_t i = tail; i < end; ++i) {
+      const unsigned digit = digit_of(i, data[i]);
+      if (digit != kNoDigit) {
+        atomicAdd(&hist[digit], 1u);
+      }
+    }
+  }
 }
 
 struct BucketChoice {
@@ -135,11 +186,9 @@ __device__ __forceinline__ RadixSelection block_radix_select(const scalar_t* sam
       hist[d] = 0u;
     }
     __syncthreads();
-    for_each_element(sample, 0, n, [&](int64_t offset, scalar_t value) {
+    count_digits(sample, 0, n, hist, [&](int64_t offset, scalar_t value) {
       unsigned long long key;
-      if (key_of(offset, value, &key) && (key & decided) == prefix) {
-        atomicAdd(&hist[digit.digit(key)], 1u);
-      }
+      return key_of(offset, value, &key) && (key & decided) == prefix ? digit.digit(key) : kNoDigit;
     });
     __syncthreads();
     choose_bucket([&](int d) { return static_cast<unsigned long long>(hist[d]); }, digit.bins(),

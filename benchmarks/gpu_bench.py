@@ -1,0 +1,143 @@
+"""GPU benchmark of ash_ext's CUDA kernels against the in-repo reference (topk + scatter) and a copy.
+
+For each shape, dtype, percentile and variant it times, with CUDA events, the median of --reps
+runs after --warmup runs of: the reference (ash_ext.reference, out of place), ash_ext's kernel
+(out of place), and x.clone(). It prints milliseconds, the kernel's speed-up over the reference,
+its bandwidth as 2 * bytes / time (one read and one write of the tensor) and that bandwidth as a
+percentage of clone's; a short table comes last. Full results go to $OUT/gpu_bench.json (OUT
+defaults to ./device_out). Needs only torch and ash_ext.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ash_ext  # noqa: E402
+from ash_ext import reference  # noqa: E402
+
+CONFIGS = [
+    # (shape, dtype, data)
+    ((64, 2048, 7, 7), torch.float32, "abs-normal"),
+    ((64, 2048, 7, 7), torch.float32, "relu"),
+    ((256, 2048, 7, 7), torch.float32, "abs-normal"),
+    ((256, 2048, 7, 7), torch.float16, "abs-normal"),
+    ((256, 2048), torch.float32, "abs-normal"),
+    ((1, 2048, 7, 7), torch.float32, "abs-normal"),
+]
+PERCENTILES = (0.65, 0.9)
+VARIANTS = ("ash_s", "ash_b")
+
+
+def make(shape, dtype, data):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, generator=g, device="cuda", dtype=torch.float32)
+    # abs-normal: continuous, no ties; relu: about half exact zeros, so p=0.65 cuts inside the
+    # zeros and the tie-break passes run.
+    x = x.abs() if data == "abs-normal" else x.relu()
+    return x.to(dtype)
+
+
+def time_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=50)
+    args = parser.parse_args()
+    out_dir = os.environ.get("OUT") or "./device_out"
+    os.makedirs(out_dir, exist_ok=True)
+    assert ash_ext.implementation_for(torch.zeros(1, 1, device="cuda")) == "cuda-kernel"
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
+
+    results = []
+    started = time.time()
+    for shape, dtype, data in CONFIGS:
+        x = make(shape, dtype, data)
+        nbytes = x.numel() * x.element_size()
+        clone_ms = time_ms(x.clone, args.warmup, args.reps)
+        for percentile in PERCENTILES:
+            for variant in VARIANTS:
+                kernel = getattr(ash_ext, variant)
+                ref = getattr(reference, variant)
+                kernel_ms = time_ms(functools.partial(kernel, x, percentile), args.warmup, args.reps)
+                ref_ms = time_ms(functools.partial(ref, x, percentile), args.warmup, args.reps)
+                row = {
+                    "shape": list(shape),
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "data": data,
+                    "percentile": percentile,
+                    "variant": variant,
+                    "reference_ms": ref_ms,
+                    "kernel_ms": kernel_ms,
+                    "clone_ms": clone_ms,
+                    "speedup_vs_reference": ref_ms / kernel_ms,
+                    "kernel_gbps": 2 * nbytes / kernel_ms / 1e6,
+                    "clone_gbps": 2 * nbytes / clone_ms / 1e6,
+                    "percent_of_clone": 100.0 * clone_ms / kernel_ms,
+                }
+                results.append(row)
+                print(
+                    f"{str(tuple(shape)):<18} {row['dtype']:<8} {data:<10} p={percentile:<4} {variant}: "
+                    f"ref {ref_ms:.4f} ms, kernel {kernel_ms:.4f} ms, clone {clone_ms:.4f} ms, "
+                    f"x{row['speedup_vs_reference']:.1f}, {row['kernel_gbps']:.0f} GB/s "
+                    f"({row['percent_of_clone']:.0f}% of clone)",
+                    flush=True,
+                )
+        x = None  # free it before the next shape
+        torch.cuda.empty_cache()
+
+    path = os.path.join(out_dir, "gpu_bench.json")
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "device": props.name,
+                "sm_count": props.multi_processor_count,
+                "torch": torch.__version__,
+                "warmup": args.warmup,
+                "reps": args.reps,
+                "results": results,
+            },
+            f,
+            indent=1,
+        )
+    print(f"\nwrote {path} ({time.time() - started:.0f}s)\n")
+    print(
+        f"{'shape':<18} {'dtype':<8} {'data':<10} {'p':<5} {'variant':<6} {'ref ms':>8} {'ash ms':>8} "
+        f"{'speedup':>7} {'GB/s':>6} {'%clone':>6}"
+    )
+    for r in results:
+        print(
+            f"{str(tuple(r['shape'])):<18} {r['dtype']:<8} {r['data']:<10} {r['percentile']:<5} {r['variant']:<6} "
+            f"{r['reference_ms']:>8.4f} {r['kernel_ms']:>8.4f} {r['speedup_vs_reference']:>7.1f} "
+            f"{r['kernel_gbps']:>6.0f} {r['percent_of_clone']:>6.0f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
