@@ -1,0 +1,80 @@
+"""``ash-ext bench``'s cases as a pytest-benchmark suite.
+
+    pytest benchmarks/ --benchmark-only                       # a short subset (one case per shape)
+    pytest benchmarks/ --benchmark-only --ash-all             # the whole default suite (or ASH_EXT_BENCH_ALL=1)
+    pytest benchmarks/ --benchmark-only --benchmark-autosave  # then later: --benchmark-compare
+
+The cases come from :func:`ash_ext.bench.pytest_cases` (the same list as the command), each run
+for every implementation of :data:`ash_ext.bench.IMPLEMENTATIONS`; benchmarks are grouped by case
+so that pytest-benchmark's table compares the implementations side by side. Inputs rotate through
+more bytes than the last-level cache, as in the command; the in-place reference gets a fresh input
+each round from the untimed setup. On a GPU each timed call ends with a synchronize. The
+``ash_ext`` benchmark also checks its deviation from the reference and fails if it is too large.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from ash_ext import bench
+
+pytest.importorskip("pytest_benchmark")
+
+#: Seconds of timed calls per benchmark (rounds are chosen from one calibration call).
+MIN_TIME = 0.1
+MAX_ROUNDS = 200
+
+_rotations: dict[str, tuple[bench.Rotation, bench.Rotation | None]] = {}
+
+
+def _rotations_for(case: bench.Case, device: torch.device) -> tuple[bench.Rotation, bench.Rotation | None]:
+    # One case's inputs at a time: the parametrization keeps a case's implementations together.
+    key = f"{case.id}@{device}"
+    if key not in _rotations:
+        _rotations.clear()
+        _rotations[key] = bench.make_rotations(case, device)
+    return _rotations[key]
+
+
+def test_ash(benchmark, ash_case: bench.Case, impl_name: str, ash_device: torch.device) -> None:
+    """Time one implementation on one case."""
+    impls = bench.implementations(ash_case.variant, ash_case.percentile, [impl_name])
+    if impl_name not in impls:
+        pytest.skip("pytorch-ood is not importable")
+    impl = impls[impl_name]
+    shared, own = _rotations_for(ash_case, ash_device)
+    rotation = own if impl.inplace and own is not None else shared
+    fn = impl.fn
+    cuda = ash_device.type == "cuda"
+
+    def target(x: torch.Tensor) -> None:
+        fn(x)
+        if cuda:
+            torch.cuda.synchronize(ash_device)
+
+    with torch.no_grad():
+        target(rotation.take())  # warm-up
+        start = time.perf_counter()
+        target(rotation.take())
+        estimate = time.perf_counter() - start
+        floor = 3 if estimate > 0.01 else 5
+        rounds = max(floor, min(MAX_ROUNDS, math.ceil(MIN_TIME / max(estimate, 1e-9))))
+        benchmark.group = ash_case.id
+        benchmark.extra_info.update(
+            case=ash_case.id,
+            implementation=impl_name,
+            device=str(ash_device),
+            bytes=ash_case.nbytes,
+            rotation_inputs=len(rotation),
+        )
+        benchmark.pedantic(target, setup=lambda: ((rotation.take(),), {}), rounds=rounds, warmup_rounds=1)
+
+    if impl_name == "ash_ext":
+        dev = bench.deviation(ash_case, ash_device)
+        benchmark.extra_info.update(max_rel_dev=dev["max_rel_dev"], mask_mismatch=dev["mask_mismatch"])
+        assert dev["mask_mismatch"] == 0, f"ash_ext keeps other positions than the reference: {dev}"
+        assert dev["max_rel_dev"] <= bench.deviation_tolerance(ash_case.dtype), dev
