@@ -2,13 +2,15 @@
 // fused output pass.
 //
 // Per sample:
-//   A. one pass over the values (from memory): s1 and a histogram of the keys' top digit; the
-//      keys in a window of digits around the previous sample's threshold digit are gathered on
-//      the way, since samples of one batch tend to share their threshold's digit;
-//   B. only when that guess missed: one pass (the sample is now in cache) gathering the keys of
-//      the threshold's digit;
-//   C. the remaining digits are selected among the gathered keys only, which leaves the exact
-//      threshold key T, the number of ties at T and how many of them to keep;
+//   W. when the thread has a guess -- a key window around the previous sample's threshold,
+//      as samples of one batch tend to have similar thresholds -- one pass over the values
+//      (from memory) sums them (s1), counts the keys above the window and gathers the keys
+//      inside it: all vectorisable but the gathering of the few in the window. If the k-th
+//      largest key lies in the window, go to C with the gathered keys.
+//   A. otherwise one pass: s1 and a histogram of the keys' top digit;
+//   B. one pass (the sample is now in cache) gathering the keys of the threshold's digit;
+//   C. the remaining digits are radix-selected among the gathered keys only, which leaves the
+//      exact threshold key T, the number of ties at T and how many of them to keep;
 //   D. when only some ties are kept: the largest logical index among the kept ties;
 //   E. the output pass (ASH-S first sums the kept values, s2, reading the sample from cache).
 //
@@ -55,7 +57,6 @@ constexpr int64_t kLanes = 16;        // independent accumulators: vectorisable,
 constexpr int64_t kTile = 256;        // keys computed per vectorised step
 constexpr int64_t kSumBlock = 4096;   // sums are taken per block of this many values, then in order
 constexpr int64_t kMinChunk = 16384;  // below this a sample is not split over threads
-constexpr int kWindowRadius = 1;      // digits gathered on either side of the predicted one
 
 static_assert(kSumBlock % kTile == 0 && kTile % kLanes == 0, "blocks must hold whole tiles");
 
@@ -82,16 +83,10 @@ struct Scratch {
   std::vector<key_t> candidates;     // gathered keys
   std::vector<int64_t> tie_indices;  // logical indices of ties, permuted layouts only
   std::vector<int64_t> counts;       // top-digit counts, one histogram per chunk
-  int64_t predicted_digit = -1;      // the previous sample's threshold digit, -1 for none
+  bool has_guess = false;            // whether guessed_threshold holds a previous threshold
+  key_t guessed_threshold = 0;       // the previous sample's threshold key
+  key_t window_half_width = 0;       // of the key window around it, adapted as guesses hit or miss
   explicit Scratch(int64_t n) : hist(Radix::kHistCopies * Radix::kFirstBuckets), candidates(static_cast<size_t>(n)) {}
-};
-
-// Digits [lo, hi] of the top-digit window gathered during pass A (empty when lo > hi).
-struct DigitWindow {
-  int64_t lo = 1;
-  int64_t hi = 0;
-  bool empty() const { return lo > hi; }
-  bool contains(int64_t digit) const { return lo <= digit && digit <= hi; }
 };
 
 template <typename scalar_t>
@@ -129,11 +124,11 @@ inline void gather_digits(const key_t* keys, int64_t len, int shift, key_t lo, k
   int64_t gathered = *count;
   for (int64_t j = 0; j < len; j += kLanes) {
     const int64_t block_len = std::min(kLanes, len - j);
-    bool any = false;
+    uint32_t matches = 0;  // an integer sum vectorises where a boolean "any" did not
     for (int64_t l = 0; l < block_len; ++l) {
-      any |= static_cast<key_t>((keys[j + l] >> shift) - lo) <= span;
+      matches += static_cast<key_t>((keys[j + l] >> shift) - lo) <= span;
     }
-    if (!any) {
+    if (matches == 0) {
       continue;
     }
     for (int64_t l = 0; l < block_len; ++l) {
@@ -145,12 +140,11 @@ inline void gather_digits(const key_t* keys, int64_t len, int shift, key_t lo, k
   *count = gathered;
 }
 
-// Pass A over the sum blocks [first_block, last_block): each block's sum into block_sums, the
-// top-digit histogram added to `counts`, and the keys in `window` appended to `gathered`
-// (which has room for every value of the range). Returns the number gathered.
+// Pass A over the sum blocks [first_block, last_block): each block's sum into block_sums and
+// the top-digit histogram added to `counts`.
 template <typename Radix, typename scalar_t>
-int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, DigitWindow window,
-               uint32_t* hist, int64_t* counts, acc_type<scalar_t>* block_sums, key_type<scalar_t>* gathered) {
+void pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, uint32_t* hist, int64_t* counts,
+            acc_type<scalar_t>* block_sums) {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   constexpr int shift = first_shift<Radix, key_t>();
@@ -158,9 +152,6 @@ int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_
   constexpr int64_t buckets = Radix::kFirstBuckets;
   std::fill(hist, hist + copies * buckets, 0u);
   key_t keys[kTile];
-  int64_t count = 0;
-  const key_t lo = static_cast<key_t>(window.lo);
-  const key_t span = static_cast<key_t>(window.hi - window.lo);
   for (int64_t block = first_block; block < last_block; ++block) {
     const int64_t begin = block * kSumBlock;
     const int64_t end = std::min(n, begin + kSumBlock);
@@ -171,13 +162,9 @@ int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_
       for (int64_t j = 0; j < len; ++j) {
         ++hist[(j % copies) * buckets + (keys[j] >> shift)];
       }
-      if (!window.empty()) {
-        gather_digits(keys, len, shift, lo, span, gathered, &count);
-      }
     }
   }
-  // Per-call counts stay below 2^32 (a block range is at most the sample), so uint32 is exact
-  // as long as one call covers fewer than 2^32 values; callers split larger ranges.
+  // uint32 counts are exact: a call covers fewer than 2^32 values (ChunkPlan).
   for (int64_t b = 0; b < buckets; ++b) {
     int64_t c = 0;
     for (int copy = 0; copy < copies; ++copy) {
@@ -185,6 +172,44 @@ int64_t pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_
     }
     counts[b] += c;
   }
+}
+
+// Pass W over the sum blocks [first_block, last_block): each block's sum into block_sums, the
+// number of keys above `hi` into *above, and the keys in [lo, hi] appended to `gathered`.
+// Returns the number gathered.
+template <typename scalar_t>
+int64_t pass_window(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, key_type<scalar_t> lo,
+                    key_type<scalar_t> hi, acc_type<scalar_t>* block_sums, key_type<scalar_t>* gathered,
+                    int64_t* above) {
+  using key_t = key_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  key_t keys[kTile];
+  int64_t count = 0;
+  int64_t above_total = 0;
+  for (int64_t block = first_block; block < last_block; ++block) {
+    const int64_t begin = block * kSumBlock;
+    const int64_t end = std::min(n, begin + kSumBlock);
+    block_sums[block] = block_sum<acc_t>(end - begin, [&](int64_t i) { return static_cast<acc_t>(in[begin + i]); });
+    for (int64_t tile = begin; tile < end; tile += kTile) {
+      const int64_t len = std::min(kTile, end - tile);
+      keys_of_tile(in + tile, len, keys);
+      uint32_t above_lanes[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= len; j += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          above_lanes[l] += keys[j + l] > hi;
+        }
+      }
+      for (; j < len; ++j) {
+        above_lanes[0] += keys[j] > hi;
+      }
+      for (int64_t l = 0; l < kLanes; ++l) {
+        above_total += above_lanes[l];
+      }
+      gather_digits(keys, len, 0, lo, static_cast<key_t>(hi - lo), gathered, &count);
+    }
+  }
+  *above = above_total;
   return count;
 }
 
@@ -218,13 +243,12 @@ int64_t find_bucket(const int64_t* counts, int64_t buckets, int64_t want, int64_
   return 0;
 }
 
-// Pass C: selects the digits below the first among the gathered keys (which all share the
-// first digit) and sets sel.threshold, sel.ties and sel.need.
+// Pass C: selects the `want`-th largest of the gathered keys, whose top `done_bits` bits are
+// known to be equal, and sets sel.threshold, sel.ties and sel.need.
 template <typename Radix, typename key_t, typename acc_t>
-void select_among_candidates(key_t* keys, int64_t count, int64_t want, Selection<key_t, acc_t>& sel) {
+void select_among_candidates(key_t* keys, int64_t count, int64_t want, int done_bits, Selection<key_t, acc_t>& sel) {
   constexpr int total_bits = key_bits<key_t>();
   std::array<int64_t, (1 << Radix::kLaterBits)> counts;
-  int done_bits = Radix::kFirstBits;
   while (done_bits < total_bits) {
     const int digit_bits = std::min(Radix::kLaterBits, total_bits - done_bits);
     const int shift = total_bits - done_bits - digit_bits;
@@ -301,76 +325,111 @@ struct SampleSelector {
   const SampleLayout& layout;
   int64_t k;
 
-  // `parallel_chunks` > 1 spreads passes A and B over threads; it must be 1 inside a parallel
-  // region.
-  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<Radix, key_t>& scratch, int64_t parallel_chunks) const {
-    constexpr int64_t kFirstBuckets = Radix::kFirstBuckets;
-    constexpr int kHistCopies = Radix::kHistCopies;
-    const int64_t n = layout.n;
-    const ChunkPlan plan(n, parallel_chunks);
-    Selection<key_t, acc_t> sel;
-    DigitWindow window;
-    if (scratch.predicted_digit >= 0) {
-      window.lo = std::max<int64_t>(0, scratch.predicted_digit - kWindowRadius);
-      window.hi = std::min<int64_t>(kFirstBuckets - 1, scratch.predicted_digit + kWindowRadius);
-    }
+  // Window widths in key units, relative to the type's mantissa: a key step of
+  // 2^(mantissa bits) is one octave of magnitude.
+  static constexpr int kMantissaBits = std::numeric_limits<scalar_t>::digits - 1;
+  static constexpr key_t kInitialHalfWidth = key_t(1) << (kMantissaBits - 3);  // 1/8 octave
+  static constexpr key_t kMinHalfWidth = key_t(1) << (kMantissaBits - 6);
+  static constexpr key_t kMaxHalfWidth = key_t(1) << (kMantissaBits + 1);
 
-    // A: sums, histogram, and the window's keys (each chunk into its own stretch of the buffer).
-    std::vector<int64_t>& counts = scratch.counts;
-    counts.assign(static_cast<size_t>(kFirstBuckets * plan.chunks), 0);
+  // `parallel_chunks` > 1 spreads the passes over threads; it must be 1 inside a parallel
+  // region. The result does not depend on which path found it.
+  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<Radix, key_t>& scratch, int64_t parallel_chunks) const {
+    const ChunkPlan plan(layout.n, parallel_chunks);
+    Selection<key_t, acc_t> sel;
     std::vector<acc_t> block_sums(static_cast<size_t>(plan.blocks), acc_t(0));
-    std::vector<int64_t> gathered(static_cast<size_t>(plan.chunks), 0);
-    key_t* candidates = scratch.candidates.data();
-    run_chunks(plan.chunks, [&](int64_t c) {
-      std::vector<uint32_t> own_hist;
-      uint32_t* hist = scratch.hist.data();
-      if (plan.chunks > 1) {
-        own_hist.resize(kHistCopies * kFirstBuckets);
-        hist = own_hist.data();
-      }
-      gathered[c] = pass_a<Radix>(in, n, plan.first_block(c), plan.last_block(c), window, hist,
-                           counts.data() + c * kFirstBuckets, block_sums.data(), candidates + plan.begin(c));
-    });
-    for (int64_t c = 1; c < plan.chunks; ++c) {
-      for (int64_t b = 0; b < kFirstBuckets; ++b) {
-        counts[b] += counts[c * kFirstBuckets + b];
-      }
+    int64_t above = 0;
+    const int64_t count = scratch.has_guess ? select_in_window(in, scratch, plan, block_sums, &above) : -1;
+    if (count >= 0) {
+      // C, from the window's keys (which share no top bits).
+      select_among_candidates<Radix>(scratch.candidates.data(), count, k - above, 0, sel);
+    } else {
+      // A, B, C.
+      const auto [digit_count, digit_above] = select_by_histogram(in, scratch, plan, block_sums);
+      select_among_candidates<Radix>(scratch.candidates.data(), digit_count, k - digit_above, Radix::kFirstBits, sel);
+      scratch.window_half_width = scratch.has_guess
+                                      ? std::min<key_t>(kMaxHalfWidth, static_cast<key_t>(scratch.window_half_width * 4))
+                                      : kInitialHalfWidth;
     }
     sel.sum = ordered_total(block_sums);
-    int64_t above = 0;
-    const int64_t digit = find_bucket(counts.data(), kFirstBuckets, k, &above);
-    scratch.predicted_digit = digit;
-
-    int64_t count = 0;
-    if (window.contains(digit)) {
-      // The guess held: keep the gathered keys of the threshold's digit, in chunk order.
-      constexpr int shift = first_shift<Radix, key_t>();
-      for (int64_t c = 0; c < plan.chunks; ++c) {
-        const key_t* from = candidates + plan.begin(c);
-        for (int64_t i = 0; i < gathered[c]; ++i) {
-          candidates[count] = from[i];
-          count += static_cast<int64_t>(from[i] >> shift) == digit;
-        }
-      }
-    } else {
-      // B: gather the threshold digit's keys.
-      run_chunks(plan.chunks, [&](int64_t c) {
-        gathered[c] = pass_b<Radix>(in, plan.begin(c), plan.end(c), static_cast<key_t>(digit), candidates + plan.begin(c));
-      });
-      for (int64_t c = 0; c < plan.chunks; ++c) {
-        std::memmove(candidates + count, candidates + plan.begin(c), gathered[c] * sizeof(key_t));
-        count += gathered[c];
-      }
-    }
-
-    // C: the remaining digits among the gathered keys.
-    select_among_candidates<Radix>(candidates, count, k - above, sel);
+    scratch.has_guess = true;
+    scratch.guessed_threshold = sel.threshold;
 
     // D: where only some ties are kept, the logical index of the last kept one.
     if (sel.partial_ties()) {
       sel.tie_cut = find_tie_cut(in, sel, scratch);
     }
     return sel;
+  }
+
+  // Pass W. Returns the number of keys gathered in the window, with *above the number above
+  // it, or -1 when the k-th largest key is not in the window (the sums are then still set).
+  int64_t select_in_window(const scalar_t* in, Scratch<Radix, key_t>& scratch, const ChunkPlan& plan,
+                           std::vector<acc_t>& block_sums, int64_t* above) const {
+    constexpr key_t kMaxKey = std::numeric_limits<key_t>::max();
+    const key_t guess = scratch.guessed_threshold;
+    const key_t half = scratch.window_half_width;
+    const key_t lo = guess > half ? static_cast<key_t>(guess - half) : key_t(0);
+    const key_t hi = guess < kMaxKey - half ? static_cast<key_t>(guess + half) : kMaxKey;
+    std::vector<int64_t> gathered(static_cast<size_t>(plan.chunks), 0);
+    std::vector<int64_t> chunk_above(static_cast<size_t>(plan.chunks), 0);
+    key_t* candidates = scratch.candidates.data();
+    run_chunks(plan.chunks, [&](int64_t c) {
+      gathered[c] = pass_window(in, plan.n, plan.first_block(c), plan.last_block(c), lo, hi, block_sums.data(),
+                                candidates + plan.begin(c), &chunk_above[c]);
+    });
+    int64_t count = 0;
+    *above = 0;
+    for (int64_t c = 0; c < plan.chunks; ++c) {
+      std::memmove(candidates + count, candidates + plan.begin(c), gathered[c] * sizeof(key_t));
+      count += gathered[c];
+      *above += chunk_above[c];
+    }
+    if (*above >= k || *above + count < k) {
+      return -1;
+    }
+    // A wide window costs gathering; narrow it while it holds many keys.
+    if (count > plan.n / 16) {
+      scratch.window_half_width = std::max<key_t>(kMinHalfWidth, static_cast<key_t>(half / 2));
+    }
+    return count;
+  }
+
+  // Passes A and B: the top digit by histogram, then the keys of that digit gathered into the
+  // scratch. Returns {keys gathered, keys in the digits above}.
+  std::pair<int64_t, int64_t> select_by_histogram(const scalar_t* in, Scratch<Radix, key_t>& scratch,
+                                                  const ChunkPlan& plan, std::vector<acc_t>& block_sums) const {
+    constexpr int64_t kFirstBuckets = Radix::kFirstBuckets;
+    std::vector<int64_t>& counts = scratch.counts;
+    counts.assign(static_cast<size_t>(kFirstBuckets * plan.chunks), 0);
+    run_chunks(plan.chunks, [&](int64_t c) {
+      std::vector<uint32_t> own_hist;
+      uint32_t* hist = scratch.hist.data();
+      if (plan.chunks > 1) {
+        own_hist.resize(scratch.hist.size());
+        hist = own_hist.data();
+      }
+      pass_a<Radix>(in, plan.n, plan.first_block(c), plan.last_block(c), hist, counts.data() + c * kFirstBuckets,
+                    block_sums.data());
+    });
+    for (int64_t c = 1; c < plan.chunks; ++c) {
+      for (int64_t b = 0; b < kFirstBuckets; ++b) {
+        counts[b] += counts[c * kFirstBuckets + b];
+      }
+    }
+    int64_t above = 0;
+    const auto digit = static_cast<key_t>(find_bucket(counts.data(), kFirstBuckets, k, &above));
+    std::vector<int64_t> gathered(static_cast<size_t>(plan.chunks), 0);
+    key_t* candidates = scratch.candidates.data();
+    run_chunks(plan.chunks, [&](int64_t c) {
+      gathered[c] = pass_b<Radix>(in, plan.begin(c), plan.end(c), digit, candidates + plan.begin(c));
+    });
+    int64_t count = 0;
+    for (int64_t c = 0; c < plan.chunks; ++c) {
+      std::memmove(candidates + count, candidates + plan.begin(c), gathered[c] * sizeof(key_t));
+      count += gathered[c];
+    }
+    return {count, above};
   }
 
   int64_t find_tie_cut(const scalar_t* in, const Selection<key_t, acc_t>& sel, Scratch<Radix, key_t>& scratch) const {
