@@ -76,13 +76,21 @@ struct Selection {
   bool partial_ties() const { return need < ties; }
 };
 
-// A thread's working memory, reused across the samples it handles.
-template <typename Radix, typename key_t>
+// A thread's working memory, reused across the samples it handles (no allocation per sample:
+// short samples would pay more for it than for their selection).
+template <typename Radix, typename scalar_t>
 struct Scratch {
+  using key_t = key_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   std::vector<uint32_t> hist;        // kHistCopies * kFirstBuckets
   std::vector<key_t> candidates;     // gathered keys
   std::vector<int64_t> tie_indices;  // logical indices of ties, permuted layouts only
   std::vector<int64_t> counts;       // top-digit counts, one histogram per chunk
+  std::vector<acc_t> block_sums;     // s1 per sum block
+  std::vector<acc_t> kept_sums;      // s2 per sum block (ASH-S)
+  std::vector<scalar_t> masked;      // one sum block of kept values (ASH-S)
+  std::vector<int64_t> gathered;     // keys gathered per chunk
+  std::vector<int64_t> chunk_above;  // keys above the window per chunk
   bool has_guess = false;            // whether guessed_threshold holds a previous threshold
   key_t guessed_threshold = 0;       // the previous sample's threshold key
   key_t window_half_width = 0;       // of the key window around it, adapted as guesses hit or miss
@@ -334,10 +342,11 @@ struct SampleSelector {
 
   // `parallel_chunks` > 1 spreads the passes over threads; it must be 1 inside a parallel
   // region. The result does not depend on which path found it.
-  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<Radix, key_t>& scratch, int64_t parallel_chunks) const {
+  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<Radix, scalar_t>& scratch, int64_t parallel_chunks) const {
     const ChunkPlan plan(layout.n, parallel_chunks);
     Selection<key_t, acc_t> sel;
-    std::vector<acc_t> block_sums(static_cast<size_t>(plan.blocks), acc_t(0));
+    std::vector<acc_t>& block_sums = scratch.block_sums;
+    block_sums.assign(static_cast<size_t>(plan.blocks), acc_t(0));
     int64_t above = 0;
     const int64_t count = scratch.has_guess ? select_in_window(in, scratch, plan, block_sums, &above) : -1;
     if (count >= 0) {
@@ -364,15 +373,17 @@ struct SampleSelector {
 
   // Pass W. Returns the number of keys gathered in the window, with *above the number above
   // it, or -1 when the k-th largest key is not in the window (the sums are then still set).
-  int64_t select_in_window(const scalar_t* in, Scratch<Radix, key_t>& scratch, const ChunkPlan& plan,
+  int64_t select_in_window(const scalar_t* in, Scratch<Radix, scalar_t>& scratch, const ChunkPlan& plan,
                            std::vector<acc_t>& block_sums, int64_t* above) const {
     constexpr key_t kMaxKey = std::numeric_limits<key_t>::max();
     const key_t guess = scratch.guessed_threshold;
     const key_t half = scratch.window_half_width;
     const key_t lo = guess > half ? static_cast<key_t>(guess - half) : key_t(0);
     const key_t hi = guess < kMaxKey - half ? static_cast<key_t>(guess + half) : kMaxKey;
-    std::vector<int64_t> gathered(static_cast<size_t>(plan.chunks), 0);
-    std::vector<int64_t> chunk_above(static_cast<size_t>(plan.chunks), 0);
+    std::vector<int64_t>& gathered = scratch.gathered;
+    std::vector<int64_t>& chunk_above = scratch.chunk_above;
+    gathered.assign(static_cast<size_t>(plan.chunks), 0);
+    chunk_above.assign(static_cast<size_t>(plan.chunks), 0);
     key_t* candidates = scratch.candidates.data();
     run_chunks(plan.chunks, [&](int64_t c) {
       gathered[c] = pass_window(in, plan.n, plan.first_block(c), plan.last_block(c), lo, hi, block_sums.data(),
@@ -397,7 +408,7 @@ struct SampleSelector {
 
   // Passes A and B: the top digit by histogram, then the keys of that digit gathered into the
   // scratch. Returns {keys gathered, keys in the digits above}.
-  std::pair<int64_t, int64_t> select_by_histogram(const scalar_t* in, Scratch<Radix, key_t>& scratch,
+  std::pair<int64_t, int64_t> select_by_histogram(const scalar_t* in, Scratch<Radix, scalar_t>& scratch,
                                                   const ChunkPlan& plan, std::vector<acc_t>& block_sums) const {
     constexpr int64_t kFirstBuckets = Radix::kFirstBuckets;
     std::vector<int64_t>& counts = scratch.counts;
@@ -419,7 +430,8 @@ struct SampleSelector {
     }
     int64_t above = 0;
     const auto digit = static_cast<key_t>(find_bucket(counts.data(), kFirstBuckets, k, &above));
-    std::vector<int64_t> gathered(static_cast<size_t>(plan.chunks), 0);
+    std::vector<int64_t>& gathered = scratch.gathered;
+    gathered.assign(static_cast<size_t>(plan.chunks), 0);
     key_t* candidates = scratch.candidates.data();
     run_chunks(plan.chunks, [&](int64_t c) {
       gathered[c] = pass_b<Radix>(in, plan.begin(c), plan.end(c), digit, candidates + plan.begin(c));
@@ -432,7 +444,7 @@ struct SampleSelector {
     return {count, above};
   }
 
-  int64_t find_tie_cut(const scalar_t* in, const Selection<key_t, acc_t>& sel, Scratch<Radix, key_t>& scratch) const {
+  int64_t find_tie_cut(const scalar_t* in, const Selection<key_t, acc_t>& sel, Scratch<Radix, scalar_t>& scratch) const {
     const int64_t n = layout.n;
     if (!layout.permuted) {
       // Memory order is logical order: the need-th tie met is the last one kept.
@@ -514,21 +526,21 @@ void for_each_sample(const SampleLayout& layout, const F& per_sample) {
 }
 
 // One Scratch per thread, made on a thread's first use within one op call.
-template <typename Radix, typename key_t>
+template <typename Radix, typename scalar_t>
 class ScratchPool {
  public:
   explicit ScratchPool(int64_t n) : n_(n), slots_(static_cast<size_t>(max_threads() + 1)) {}
-  Scratch<Radix, key_t>& get() {
+  Scratch<Radix, scalar_t>& get() {
     const size_t slot = std::min<size_t>(static_cast<size_t>(at::get_thread_num()), slots_.size() - 1);
     if (!slots_[slot]) {
-      slots_[slot] = std::make_unique<Scratch<Radix, key_t>>(n_);
+      slots_[slot] = std::make_unique<Scratch<Radix, scalar_t>>(n_);
     }
     return *slots_[slot];
   }
 
  private:
   int64_t n_;
-  std::vector<std::unique_ptr<Scratch<Radix, key_t>>> slots_;
+  std::vector<std::unique_ptr<Scratch<Radix, scalar_t>>> slots_;
 };
 
 // The sums of a chunk's sum blocks over the kept values only (ASH-S's s2), each block masked
@@ -536,14 +548,13 @@ class ScratchPool {
 template <typename scalar_t>
 void kept_block_sums(const scalar_t* in, const ChunkPlan& plan, int64_t c,
                      const Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel, const SampleLayout& layout,
-                     acc_type<scalar_t>* block_sums) {
+                     acc_type<scalar_t>* block_sums, scalar_t* masked) {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
-  const auto masked = std::make_unique_for_overwrite<scalar_t[]>(static_cast<size_t>(std::min(kSumBlock, plan.n)));
   for (int64_t block = plan.first_block(c); block < plan.last_block(c); ++block) {
     const int64_t begin = block * kSumBlock;
     const int64_t end = std::min(plan.n, begin + kSumBlock);
-    scalar_t* buffer = masked.get() - begin;  // indexed by the sample offset
+    scalar_t* buffer = masked - begin;  // indexed by the sample offset
     for_kept_ranges(
         in, begin, end, sel, layout,
         [&](int64_t b, int64_t e, key_t from) {
@@ -615,7 +626,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant
     return;
   }
   const SampleSelector<Radix, scalar_t> selector{layout, k};
-  ScratchPool<Radix, key_t> pool(n);
+  ScratchPool<Radix, scalar_t> pool(n);
   for_each_sample(layout, [&](int64_t b, int64_t parallel_chunks) {
     const scalar_t* in = in_base + b * n;
     scalar_t* dst = out_base + b * n;
@@ -623,8 +634,15 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant
     const ChunkPlan plan(n, parallel_chunks);
     acc_t constant = 0;
     if (variant == Variant::Scale) {
-      std::vector<acc_t> kept_sums(static_cast<size_t>(plan.blocks), acc_t(0));
-      run_chunks(plan.chunks, [&](int64_t c) { kept_block_sums(in, plan, c, sel, layout, kept_sums.data()); });
+      auto& scratch = pool.get();
+      std::vector<acc_t>& kept_sums = scratch.kept_sums;
+      kept_sums.assign(static_cast<size_t>(plan.blocks), acc_t(0));
+      // One block-sized buffer per chunk (chunks run on different threads).
+      const int64_t block_len = std::min(kSumBlock, n);
+      scratch.masked.resize(static_cast<size_t>(block_len * plan.chunks));
+      run_chunks(plan.chunks, [&](int64_t c) {
+        kept_block_sums(in, plan, c, sel, layout, kept_sums.data(), scratch.masked.data() + c * block_len);
+      });
       constant = scale_factor(sel.sum, ordered_total(kept_sums));
     } else if (variant == Variant::Binarize) {
       constant = sel.sum / static_cast<acc_t>(k);
@@ -650,7 +668,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   const SampleSelector<Radix, scalar_t> selector{layout, k};
   // The backward is not on the inference path: one sample per task, a plain loop per sample.
   at::parallel_for(0, layout.batch, 1, [&](int64_t begin, int64_t end) {
-    Scratch<Radix, key_t> scratch(n);
+    Scratch<Radix, scalar_t> scratch(n);
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* xs = x_base + b * n;
       const scalar_t* gs = g_base + b * n;
