@@ -148,18 +148,13 @@ inline void gather_digits(const key_t* keys, int64_t len, int shift, key_t lo, k
   *count = gathered;
 }
 
-// Pass A over the sum blocks [first_block, last_block): each block's sum into block_sums and
-// the top-digit histogram added to `counts`.
-template <typename Radix, typename scalar_t>
-void pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, uint32_t* hist, int64_t* counts,
-            acc_type<scalar_t>* block_sums) {
-  using key_t = key_type<scalar_t>;
+// The shared walk of passes A and W over the sum blocks [first_block, last_block): each
+// block's sum into block_sums, and per_tile(keys, len) for the keys of each tile.
+template <typename scalar_t, typename PerTile>
+inline void sum_blocks_and_key_tiles(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block,
+                                     acc_type<scalar_t>* block_sums, const PerTile& per_tile) {
   using acc_t = acc_type<scalar_t>;
-  constexpr int shift = first_shift<Radix, key_t>();
-  constexpr int copies = Radix::kHistCopies;
-  constexpr int64_t buckets = Radix::kFirstBuckets;
-  std::fill(hist, hist + copies * buckets, 0u);
-  key_t keys[kTile];
+  key_type<scalar_t> keys[kTile];
   for (int64_t block = first_block; block < last_block; ++block) {
     const int64_t begin = block * kSumBlock;
     const int64_t end = std::min(n, begin + kSumBlock);
@@ -167,11 +162,26 @@ void pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_blo
     for (int64_t tile = begin; tile < end; tile += kTile) {
       const int64_t len = std::min(kTile, end - tile);
       keys_of_tile(in + tile, len, keys);
-      for (int64_t j = 0; j < len; ++j) {
-        ++hist[(j % copies) * buckets + (keys[j] >> shift)];
-      }
+      per_tile(keys, len);
     }
   }
+}
+
+// Pass A over the sum blocks [first_block, last_block): each block's sum into block_sums and
+// the top-digit histogram added to `counts`.
+template <typename Radix, typename scalar_t>
+void pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, uint32_t* hist, int64_t* counts,
+            acc_type<scalar_t>* block_sums) {
+  using key_t = key_type<scalar_t>;
+  constexpr int shift = first_shift<Radix, key_t>();
+  constexpr int copies = Radix::kHistCopies;
+  constexpr int64_t buckets = Radix::kFirstBuckets;
+  std::fill(hist, hist + copies * buckets, 0u);
+  sum_blocks_and_key_tiles(in, n, first_block, last_block, block_sums, [&](const key_t* keys, int64_t len) {
+    for (int64_t j = 0; j < len; ++j) {
+      ++hist[(j % copies) * buckets + (keys[j] >> shift)];
+    }
+  });
   // uint32 counts are exact: a call covers fewer than 2^32 values (ChunkPlan).
   for (int64_t b = 0; b < buckets; ++b) {
     int64_t c = 0;
@@ -190,33 +200,24 @@ int64_t pass_window(const scalar_t* in, int64_t n, int64_t first_block, int64_t 
                     key_type<scalar_t> hi, acc_type<scalar_t>* block_sums, key_type<scalar_t>* gathered,
                     int64_t* above) {
   using key_t = key_type<scalar_t>;
-  using acc_t = acc_type<scalar_t>;
-  key_t keys[kTile];
   int64_t count = 0;
   int64_t above_total = 0;
-  for (int64_t block = first_block; block < last_block; ++block) {
-    const int64_t begin = block * kSumBlock;
-    const int64_t end = std::min(n, begin + kSumBlock);
-    block_sums[block] = block_sum<acc_t>(end - begin, [&](int64_t i) { return static_cast<acc_t>(in[begin + i]); });
-    for (int64_t tile = begin; tile < end; tile += kTile) {
-      const int64_t len = std::min(kTile, end - tile);
-      keys_of_tile(in + tile, len, keys);
-      uint32_t above_lanes[kLanes] = {};
-      int64_t j = 0;
-      for (; j + kLanes <= len; j += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) {
-          above_lanes[l] += keys[j + l] > hi;
-        }
-      }
-      for (; j < len; ++j) {
-        above_lanes[0] += keys[j] > hi;
-      }
+  sum_blocks_and_key_tiles(in, n, first_block, last_block, block_sums, [&](const key_t* keys, int64_t len) {
+    uint32_t above_lanes[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes) {
       for (int64_t l = 0; l < kLanes; ++l) {
-        above_total += above_lanes[l];
+        above_lanes[l] += keys[j + l] > hi;
       }
-      gather_digits(keys, len, 0, lo, static_cast<key_t>(hi - lo), gathered, &count);
     }
-  }
+    for (; j < len; ++j) {
+      above_lanes[0] += keys[j] > hi;
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+      above_total += above_lanes[l];
+    }
+    gather_digits(keys, len, 0, lo, static_cast<key_t>(hi - lo), gathered, &count);
+  });
   *above = above_total;
   return count;
 }
