@@ -30,9 +30,12 @@ def extension_loaded() -> bool:
     return _C is not None
 
 
+_COMPILED_WITH_CUDA = _C is not None and bool(_C.compiled_with_cuda())
+
+
 def compiled_with_cuda() -> bool:
     """Whether the compiled module contains the CUDA kernels."""
-    return _C is not None and bool(_C.compiled_with_cuda())
+    return _COMPILED_WITH_CUDA
 
 
 def fallback_forced() -> bool:
@@ -46,7 +49,7 @@ def implementation_for(x: Tensor) -> str:
         return FALLBACK
     if x.device.type == "cpu":
         return CPU_KERNEL
-    if x.device.type == "cuda" and compiled_with_cuda():
+    if x.device.type == "cuda" and _COMPILED_WITH_CUDA:
         return CUDA_KERNEL
     return FALLBACK
 
