@@ -28,8 +28,13 @@ $(VENV)/.deps-ready:
 
 setup: $(VENV)/.deps-ready
 
-build: setup
+# Rebuilt only when a source or setup.py changed since the last build in this venv.
+SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+$(VENV)/.built: $(VENV)/.deps-ready $(SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $@
+
+build: $(VENV)/.built
 	$(PY) -c "import ash_ext; print('ash_ext built: extension', ash_ext.extension_loaded(), '| CUDA kernels', ash_ext.compiled_with_cuda())"
 
 lint: setup
@@ -42,4 +47,4 @@ bench: build
 	$(PY) -m ash_ext bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build *.egg-info ash_ext/_C*.so
+	rm -rf build *.egg-info ash_ext/_C*.so $(VENV)/.built
