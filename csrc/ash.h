@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include "ash_semantics.h"
 
@@ -35,5 +36,25 @@ at::Tensor ash_forward(const at::Tensor& x, int64_t k, int64_t variant, ForwardK
 void ash_forward_inplace(const at::Tensor& x, int64_t k, int64_t variant, ForwardKernel kernel);
 at::Tensor ash_backward(const at::Tensor& grad, const at::Tensor& x, int64_t k, int64_t variant,
                         BackwardKernel kernel);
+
+// The three ops for one backend, registered in a TORCH_LIBRARY_IMPL block:
+//   TORCH_LIBRARY_IMPL(ash_ext, CPU, m) { BackendOps<&forward, &backward>::register_impls(m); }
+template <ForwardKernel Forward, BackwardKernel Backward>
+struct BackendOps {
+  static at::Tensor ash(const at::Tensor& x, int64_t k, int64_t variant) {
+    return ash_forward(x, k, variant, Forward);
+  }
+  static void ash_inplace(const at::Tensor& x, int64_t k, int64_t variant) {
+    ash_forward_inplace(x, k, variant, Forward);
+  }
+  static at::Tensor backward(const at::Tensor& grad, const at::Tensor& x, int64_t k, int64_t variant) {
+    return ash_backward(grad, x, k, variant, Backward);
+  }
+  static void register_impls(torch::Library& m) {
+    m.impl("ash", &ash);
+    m.impl("ash_", &ash_inplace);
+    m.impl("ash_backward", &backward);
+  }
+};
 
 }  // namespace ash_ext

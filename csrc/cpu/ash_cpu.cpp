@@ -743,26 +743,6 @@ void ash_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Ten
                                   });
 }
 
-namespace {
-
-at::Tensor ash_cpu(const at::Tensor& x, int64_t k, int64_t variant) {
-  return ash_forward(x, k, variant, &ash_forward_cpu);
-}
-
-void ash_inplace_cpu(const at::Tensor& x, int64_t k, int64_t variant) {
-  ash_forward_inplace(x, k, variant, &ash_forward_cpu);
-}
-
-at::Tensor ash_backward_cpu_op(const at::Tensor& grad, const at::Tensor& x, int64_t k, int64_t variant) {
-  return ash_backward(grad, x, k, variant, &ash_backward_cpu);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ash_ext, CPU, m) {
-  m.impl("ash", &ash_cpu);
-  m.impl("ash_", &ash_inplace_cpu);
-  m.impl("ash_backward", &ash_backward_cpu_op);
-}
+TORCH_LIBRARY_IMPL(ash_ext, CPU, m) { BackendOps<&ash_forward_cpu, &ash_backward_cpu>::register_impls(m); }
 
 }  // namespace ash_ext

@@ -42,26 +42,6 @@ void ash_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Te
   });
 }
 
-namespace {
-
-at::Tensor ash_cuda_op(const at::Tensor& x, int64_t k, int64_t variant) {
-  return ash_forward(x, k, variant, &ash_forward_cuda);
-}
-
-void ash_inplace_cuda_op(const at::Tensor& x, int64_t k, int64_t variant) {
-  ash_forward_inplace(x, k, variant, &ash_forward_cuda);
-}
-
-at::Tensor ash_backward_cuda_op(const at::Tensor& grad, const at::Tensor& x, int64_t k, int64_t variant) {
-  return ash_backward(grad, x, k, variant, &ash_backward_cuda);
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(ash_ext, CUDA, m) {
-  m.impl("ash", &ash_cuda_op);
-  m.impl("ash_", &ash_inplace_cuda_op);
-  m.impl("ash_backward", &ash_backward_cuda_op);
-}
+TORCH_LIBRARY_IMPL(ash_ext, CUDA, m) { BackendOps<&ash_forward_cuda, &ash_backward_cuda>::register_impls(m); }
 
 }  // namespace ash_ext

@@ -70,18 +70,6 @@ void backward_emulated(const at::Tensor& grad, const at::Tensor& x, const at::Te
   });
 }
 
-at::Tensor ash_op(const at::Tensor& x, int64_t k, int64_t variant) {
-  return ash_forward(x, k, variant, &forward_emulated);
-}
-
-void ash_inplace_op(const at::Tensor& x, int64_t k, int64_t variant) {
-  ash_forward_inplace(x, k, variant, &forward_emulated);
-}
-
-at::Tensor ash_backward_op(const at::Tensor& grad, const at::Tensor& x, int64_t k, int64_t variant) {
-  return ash_backward(grad, x, k, variant, &backward_emulated);
-}
-
 void set_device_limits(int64_t sm_count, int64_t shared_bytes_per_block) {
   g_limits = cuda_detail::DeviceLimits{sm_count, shared_bytes_per_block};
 }
@@ -101,11 +89,7 @@ std::vector<std::string> take_launch_log() {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ash_ext, CPU, m) {
-  m.impl("ash", &ash_op);
-  m.impl("ash_", &ash_inplace_op);
-  m.impl("ash_backward", &ash_backward_op);
-}
+TORCH_LIBRARY_IMPL(ash_ext, CPU, m) { BackendOps<&forward_emulated, &backward_emulated>::register_impls(m); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_device_limits", &set_device_limits, "Emulated SM count and per-block shared memory limit");
