@@ -1,15 +1,20 @@
 """ash_ext: fused ASH (Activation SHaping, ICLR 2023) for PyTorch, with C++ and CUDA kernels.
 
 Public API: :func:`ash_p`, :func:`ash_b`, :func:`ash_s`, :func:`shape`, the :class:`ASH` detector,
-and :func:`implementation_for` / :func:`compiled_with_cuda` to see which implementation runs.
+and :func:`implementation_for` / :func:`compiled_with_cuda` / :func:`cpu_simd_enabled` to see which
+implementation runs.
 """
 
 from ._ops import (
+    CPU_SIMD_ENV,
     FORCE_FALLBACK_ENV,
     compiled_with_cuda,
+    cpu_simd_available,
+    cpu_simd_enabled,
     extension_loaded,
     fallback_forced,
     implementation_for,
+    set_cpu_simd,
 )
 from ._semantics import kept_count
 from .detector import ASH, energy_score
@@ -19,15 +24,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASH",
+    "CPU_SIMD_ENV",
     "FORCE_FALLBACK_ENV",
     "ash_b",
     "ash_p",
     "ash_s",
     "compiled_with_cuda",
+    "cpu_simd_available",
+    "cpu_simd_enabled",
     "energy_score",
     "extension_loaded",
     "fallback_forced",
     "implementation_for",
     "kept_count",
+    "set_cpu_simd",
     "shape",
 ]

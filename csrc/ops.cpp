@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "ash.h"
+#include "cpu/cpu_common.h"
 
 namespace ash_ext {
 namespace {
@@ -191,8 +192,27 @@ PyObject* compiled_with_cuda(PyObject* /*self*/, PyObject* /*args*/) {
 #endif
 }
 
+PyObject* cpu_simd_enabled(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyBool_FromLong(ash_ext::cpu_simd_enabled());
+}
+
+PyObject* cpu_simd_available(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyBool_FromLong(ash_ext::cpu_simd_available());
+}
+
+PyObject* set_cpu_simd(PyObject* /*self*/, PyObject* arg) {
+  const int enabled = PyObject_IsTrue(arg);
+  if (enabled < 0) {
+    return nullptr;
+  }
+  return PyBool_FromLong(ash_ext::set_cpu_simd(enabled != 0));
+}
+
 PyMethodDef module_methods[] = {
     {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
+    {"cpu_simd_enabled", cpu_simd_enabled, METH_NOARGS, "Whether the CPU kernel runs its AVX-512 loops."},
+    {"cpu_simd_available", cpu_simd_available, METH_NOARGS, "Whether the CPU kernel can run AVX-512 loops here."},
+    {"set_cpu_simd", set_cpu_simd, METH_O, "Switch the CPU kernel's AVX-512 loops on or off; returns the old setting."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -27,6 +27,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -34,6 +36,8 @@
 #include <vector>
 
 #include "../ash.h"
+#include "avx512_float.h"
+#include "cpu_common.h"
 
 namespace ash_ext {
 namespace {
@@ -53,12 +57,7 @@ struct ShortSampleRadix {
   static constexpr int64_t kFirstBuckets = int64_t(1) << kFirstBits;
 };
 constexpr int64_t kShortSample = 16384;  // samples up to this size use ShortSampleRadix
-constexpr int64_t kLanes = 16;        // independent accumulators: vectorisable, fixed order
-constexpr int64_t kTile = 256;        // keys computed per vectorised step
-constexpr int64_t kSumBlock = 4096;   // sums are taken per block of this many values, then in order
-constexpr int64_t kMinChunk = 16384;  // below this a sample is not split over threads
-
-static_assert(kSumBlock % kTile == 0 && kTile % kLanes == 0, "blocks must hold whole tiles");
+constexpr int64_t kMinChunk = 16384;     // below this a sample is not split over threads
 
 template <typename Radix, typename key_t>
 constexpr int first_shift() {
@@ -74,16 +73,34 @@ struct Selection {
   int64_t tie_cut = 0;  // a tie is kept iff its logical index <= tie_cut (when need < ties)
   acc_t sum = 0;        // s1, the sum of the whole sample
   bool partial_ties() const { return need < ties; }
+  KeptRule rule() const { return KeptRule{threshold, partial_ties(), tie_cut}; }
 };
 
+// Where pass W looks for the next sample's threshold: a key window around the last threshold
+// this thread found. It is kept per thread (and per dtype and digit width) from one op call to
+// the next, as consecutive batches of one layer have similar thresholds; a stale guess costs
+// one pass W that misses. It only ever affects speed: results do not depend on the path taken.
+template <typename key_t>
+struct ThresholdGuess {
+  bool valid = false;   // whether threshold holds a previous threshold
+  key_t threshold = 0;  // the previous sample's threshold key
+  key_t half_width = 0; // of the key window around it, adapted as guesses hit or miss
+};
+
+template <typename Radix, typename scalar_t>
+ThresholdGuess<key_type<scalar_t>>& this_threads_guess() {
+  thread_local ThresholdGuess<key_type<scalar_t>> guess;
+  return guess;
+}
+
 // A thread's working memory, reused across the samples it handles (no allocation per sample:
-// short samples would pay more for it than for their selection).
+// short samples would pay more for it than for their selection). Made and used by one thread.
 template <typename Radix, typename scalar_t>
 struct Scratch {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   std::vector<uint32_t> hist;        // kHistCopies * kFirstBuckets
-  std::vector<key_t> candidates;     // gathered keys
+  std::vector<key_t> candidates;     // gathered keys, with kLanes slots of room for whole-register stores
   std::vector<int64_t> tie_indices;  // logical indices of ties, permuted layouts only
   std::vector<int64_t> counts;       // top-digit counts, one histogram per chunk
   std::vector<acc_t> block_sums;     // s1 per sum block
@@ -91,10 +108,8 @@ struct Scratch {
   std::vector<scalar_t> masked;      // one sum block of kept values (ASH-S)
   std::vector<int64_t> gathered;     // keys gathered per chunk
   std::vector<int64_t> chunk_above;  // keys above the window per chunk
-  bool has_guess = false;            // whether guessed_threshold holds a previous threshold
-  key_t guessed_threshold = 0;       // the previous sample's threshold key
-  key_t window_half_width = 0;       // of the key window around it, adapted as guesses hit or miss
-  explicit Scratch(int64_t n) : hist(Radix::kHistCopies * Radix::kFirstBuckets), candidates(static_cast<size_t>(n)) {}
+  ThresholdGuess<key_t>& guess = this_threads_guess<Radix, scalar_t>();
+  explicit Scratch(int64_t n) : hist(Radix::kHistCopies * Radix::kFirstBuckets), candidates(static_cast<size_t>(n + kLanes)) {}
 };
 
 template <typename scalar_t>
@@ -148,12 +163,27 @@ inline void gather_digits(const key_t* keys, int64_t len, int shift, key_t lo, k
   *count = gathered;
 }
 
+// Whether the AVX-512 loops serve scalar_t (float32 only) when `simd` is on. Call sites test it
+// with `if constexpr (has_avx512_code<scalar_t>)` so that the float-only code is only compiled
+// for float.
+template <typename scalar_t>
+#ifdef ASH_EXT_HAVE_AVX512_CODE
+constexpr bool has_avx512_code = std::is_same_v<scalar_t, float>;
+#else
+constexpr bool has_avx512_code = false;
+#endif
+
 // The shared walk of passes A and W over the sum blocks [first_block, last_block): each
 // block's sum into block_sums, and per_tile(keys, len) for the keys of each tile.
 template <typename scalar_t, typename PerTile>
 inline void sum_blocks_and_key_tiles(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block,
-                                     acc_type<scalar_t>* block_sums, const PerTile& per_tile) {
+                                     acc_type<scalar_t>* block_sums, const PerTile& per_tile, bool simd) {
   using acc_t = acc_type<scalar_t>;
+  if constexpr (has_avx512_code<scalar_t>) {
+    if (simd) {
+      return avx512::sum_blocks_and_key_tiles(in, n, first_block, last_block, block_sums, per_tile);
+    }
+  }
   key_type<scalar_t> keys[kTile];
   for (int64_t block = first_block; block < last_block; ++block) {
     const int64_t begin = block * kSumBlock;
@@ -171,7 +201,7 @@ inline void sum_blocks_and_key_tiles(const scalar_t* in, int64_t n, int64_t firs
 // the top-digit histogram added to `counts`.
 template <typename Radix, typename scalar_t>
 void pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, uint32_t* hist, int64_t* counts,
-            acc_type<scalar_t>* block_sums) {
+            acc_type<scalar_t>* block_sums, bool simd) {
   using key_t = key_type<scalar_t>;
   constexpr int shift = first_shift<Radix, key_t>();
   constexpr int copies = Radix::kHistCopies;
@@ -181,7 +211,7 @@ void pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_blo
     for (int64_t j = 0; j < len; ++j) {
       ++hist[(j % copies) * buckets + (keys[j] >> shift)];
     }
-  });
+  }, simd);
   // uint32 counts are exact: a call covers fewer than 2^32 values (ChunkPlan).
   for (int64_t b = 0; b < buckets; ++b) {
     int64_t c = 0;
@@ -198,8 +228,13 @@ void pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_blo
 template <typename scalar_t>
 int64_t pass_window(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_block, key_type<scalar_t> lo,
                     key_type<scalar_t> hi, acc_type<scalar_t>* block_sums, key_type<scalar_t>* gathered,
-                    int64_t* above) {
+                    int64_t* above, bool simd) {
   using key_t = key_type<scalar_t>;
+  if constexpr (has_avx512_code<scalar_t>) {
+    if (simd) {
+      return avx512::pass_window(in, n, first_block, last_block, lo, hi, block_sums, gathered, above);
+    }
+  }
   int64_t count = 0;
   int64_t above_total = 0;
   sum_blocks_and_key_tiles(in, n, first_block, last_block, block_sums, [&](const key_t* keys, int64_t len) {
@@ -217,16 +252,21 @@ int64_t pass_window(const scalar_t* in, int64_t n, int64_t first_block, int64_t 
       above_total += above_lanes[l];
     }
     gather_digits(keys, len, 0, lo, static_cast<key_t>(hi - lo), gathered, &count);
-  });
+  }, simd);
   *above = above_total;
   return count;
 }
 
 // Pass B over [begin, end): appends the keys whose top digit is `digit` to `gathered`.
 template <typename Radix, typename scalar_t>
-int64_t pass_b(const scalar_t* in, int64_t begin, int64_t end, key_type<scalar_t> digit,
-               key_type<scalar_t>* gathered) {
+int64_t pass_b(const scalar_t* in, int64_t begin, int64_t end, key_type<scalar_t> digit, key_type<scalar_t>* gathered,
+               bool simd) {
   using key_t = key_type<scalar_t>;
+  if constexpr (has_avx512_code<scalar_t>) {
+    if (simd) {
+      return avx512::pass_b(in, begin, end, first_shift<Radix, key_t>(), digit, gathered);
+    }
+  }
   key_t keys[kTile];
   int64_t count = 0;
   for (int64_t tile = begin; tile < end; tile += kTile) {
@@ -252,14 +292,28 @@ int64_t find_bucket(const int64_t* counts, int64_t buckets, int64_t want, int64_
   return 0;
 }
 
-// Pass C: selects the `want`-th largest of the gathered keys, whose top `done_bits` bits are
-// known to be equal, and sets sel.threshold, sel.ties and sel.need.
+// Candidate sets this small are ranked pairwise instead of by further radix digits: a digit
+// costs a histogram clear and scan whatever the number of keys.
+constexpr int64_t kRankPairwise = 32;
+// Candidate sets up to this size take digits of at most 8 bits (a 256-bucket histogram).
+constexpr int64_t kNarrowDigitCount = 4096;
+
+// Pass C: selects the `want`-th largest (1 <= want <= count) of the gathered keys -- which
+// hold every key equal to it -- and sets sel.threshold, sel.ties and sel.need.
 template <typename Radix, typename key_t, typename acc_t>
-void select_among_candidates(key_t* keys, int64_t count, int64_t want, int done_bits, Selection<key_t, acc_t>& sel) {
+void select_among_candidates(key_t* keys, int64_t count, int64_t want, Selection<key_t, acc_t>& sel) {
   constexpr int total_bits = key_bits<key_t>();
+  // The top bits every candidate shares need no digit (a window's keys share most of them,
+  // a top digit's keys at least that digit).
+  key_t differ = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    differ |= static_cast<key_t>(keys[i] ^ keys[0]);
+  }
+  int done_bits = differ == 0 ? total_bits : __builtin_clzll(static_cast<unsigned long long>(differ)) - (64 - total_bits);
   std::array<int64_t, (1 << Radix::kLaterBits)> counts;
-  while (done_bits < total_bits) {
-    const int digit_bits = std::min(Radix::kLaterBits, total_bits - done_bits);
+  while (done_bits < total_bits && count > kRankPairwise) {
+    const int width = count > kNarrowDigitCount ? Radix::kLaterBits : std::min(Radix::kLaterBits, 8);
+    const int digit_bits = std::min(width, total_bits - done_bits);
     const int shift = total_bits - done_bits - digit_bits;
     const key_t mask = static_cast<key_t>((key_t(1) << digit_bits) - 1);
     const int64_t buckets = int64_t(1) << digit_bits;
@@ -278,9 +332,28 @@ void select_among_candidates(key_t* keys, int64_t count, int64_t want, int done_
     count = kept;
     done_bits += digit_bits;
   }
-  sel.threshold = keys[0];
-  sel.ties = count;
-  sel.need = want;
+  if (done_bits >= total_bits) {  // every candidate left is the threshold
+    sel.threshold = keys[0];
+    sel.ties = count;
+    sel.need = want;
+    return;
+  }
+  // The key with fewer than `want` keys above it and at least `want` at or above it.
+  for (int64_t i = 0; i < count; ++i) {
+    int64_t greater = 0;
+    int64_t equal = 0;
+    for (int64_t j = 0; j < count; ++j) {
+      greater += keys[j] > keys[i];
+      equal += keys[j] == keys[i];
+    }
+    if (greater < want && want <= greater + equal) {
+      sel.threshold = keys[i];
+      sel.ties = equal;
+      sel.need = want - greater;
+      return;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(false, "ash_ext: no candidate ranks ", want);
 }
 
 // Runs body(c) for c in [0, chunks): on the calling thread when chunks == 1, else in parallel.
@@ -333,6 +406,7 @@ struct SampleSelector {
 
   const SampleLayout& layout;
   int64_t k;
+  bool simd;  // whether the AVX-512 loops run (where has_avx512_code)
 
   // Window widths in key units, relative to the type's mantissa: a key step of
   // 2^(mantissa bits) is one octave of magnitude.
@@ -349,21 +423,21 @@ struct SampleSelector {
     std::vector<acc_t>& block_sums = scratch.block_sums;
     block_sums.assign(static_cast<size_t>(plan.blocks), acc_t(0));
     int64_t above = 0;
-    const int64_t count = scratch.has_guess ? select_in_window(in, scratch, plan, block_sums, &above) : -1;
+    const int64_t count = scratch.guess.valid ? select_in_window(in, scratch, plan, block_sums, &above) : -1;
     if (count >= 0) {
       // C, from the window's keys (which share no top bits).
-      select_among_candidates<Radix>(scratch.candidates.data(), count, k - above, 0, sel);
+      select_among_candidates<Radix>(scratch.candidates.data(), count, k - above, sel);
     } else {
       // A, B, C.
       const auto [digit_count, digit_above] = select_by_histogram(in, scratch, plan, block_sums);
-      select_among_candidates<Radix>(scratch.candidates.data(), digit_count, k - digit_above, Radix::kFirstBits, sel);
-      scratch.window_half_width = scratch.has_guess
-                                      ? std::min<key_t>(kMaxHalfWidth, static_cast<key_t>(scratch.window_half_width * 4))
+      select_among_candidates<Radix>(scratch.candidates.data(), digit_count, k - digit_above, sel);
+      scratch.guess.half_width = scratch.guess.valid
+                                      ? std::min<key_t>(kMaxHalfWidth, static_cast<key_t>(scratch.guess.half_width * 4))
                                       : kInitialHalfWidth;
     }
     sel.sum = ordered_total(block_sums);
-    scratch.has_guess = true;
-    scratch.guessed_threshold = sel.threshold;
+    scratch.guess.valid = true;
+    scratch.guess.threshold = sel.threshold;
 
     // D: where only some ties are kept, the logical index of the last kept one.
     if (sel.partial_ties()) {
@@ -377,8 +451,8 @@ struct SampleSelector {
   int64_t select_in_window(const scalar_t* in, Scratch<Radix, scalar_t>& scratch, const ChunkPlan& plan,
                            std::vector<acc_t>& block_sums, int64_t* above) const {
     constexpr key_t kMaxKey = std::numeric_limits<key_t>::max();
-    const key_t guess = scratch.guessed_threshold;
-    const key_t half = scratch.window_half_width;
+    const key_t guess = scratch.guess.threshold;
+    const key_t half = scratch.guess.half_width;
     const key_t lo = guess > half ? static_cast<key_t>(guess - half) : key_t(0);
     const key_t hi = guess < kMaxKey - half ? static_cast<key_t>(guess + half) : kMaxKey;
     std::vector<int64_t>& gathered = scratch.gathered;
@@ -388,7 +462,7 @@ struct SampleSelector {
     key_t* candidates = scratch.candidates.data();
     run_chunks(plan.chunks, [&](int64_t c) {
       gathered[c] = pass_window(in, plan.n, plan.first_block(c), plan.last_block(c), lo, hi, block_sums.data(),
-                                candidates + plan.begin(c), &chunk_above[c]);
+                                candidates + plan.begin(c), &chunk_above[c], simd);
     });
     int64_t count = 0;
     *above = 0;
@@ -401,8 +475,8 @@ struct SampleSelector {
       return -1;
     }
     // A wide window costs gathering; narrow it while it holds many keys.
-    if (count > plan.n / 16) {
-      scratch.window_half_width = std::max<key_t>(kMinHalfWidth, static_cast<key_t>(half / 2));
+    if (count > plan.n / 8) {
+      scratch.guess.half_width = std::max<key_t>(kMinHalfWidth, static_cast<key_t>(half / 2));
     }
     return count;
   }
@@ -422,7 +496,7 @@ struct SampleSelector {
         hist = own_hist.data();
       }
       pass_a<Radix>(in, plan.n, plan.first_block(c), plan.last_block(c), hist, counts.data() + c * kFirstBuckets,
-                    block_sums.data());
+                    block_sums.data(), simd);
     });
     for (int64_t c = 1; c < plan.chunks; ++c) {
       for (int64_t b = 0; b < kFirstBuckets; ++b) {
@@ -435,7 +509,7 @@ struct SampleSelector {
     gathered.assign(static_cast<size_t>(plan.chunks), 0);
     key_t* candidates = scratch.candidates.data();
     run_chunks(plan.chunks, [&](int64_t c) {
-      gathered[c] = pass_b<Radix>(in, plan.begin(c), plan.end(c), digit, candidates + plan.begin(c));
+      gathered[c] = pass_b<Radix>(in, plan.begin(c), plan.end(c), digit, candidates + plan.begin(c), simd);
     });
     int64_t count = 0;
     for (int64_t c = 0; c < plan.chunks; ++c) {
@@ -449,6 +523,13 @@ struct SampleSelector {
     const int64_t n = layout.n;
     if (!layout.permuted) {
       // Memory order is logical order: the need-th tie met is the last one kept.
+      if constexpr (has_avx512_code<scalar_t>) {
+        if (simd) {
+          const int64_t offset = avx512::nth_tie_offset(in, n, sel.threshold, sel.need);
+          TORCH_INTERNAL_ASSERT(offset >= 0, "ash_ext: fewer ties than counted");
+          return offset;
+        }
+      }
       int64_t seen = 0;
       for (int64_t i = 0; i < n; ++i) {
         seen += order_key(in[i]) == sel.threshold;
@@ -549,9 +630,14 @@ class ScratchPool {
 template <typename scalar_t>
 void kept_block_sums(const scalar_t* in, const ChunkPlan& plan, int64_t c,
                      const Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel, const SampleLayout& layout,
-                     acc_type<scalar_t>* block_sums, scalar_t* masked) {
+                     acc_type<scalar_t>* block_sums, scalar_t* masked, bool simd) {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
+  if constexpr (has_avx512_code<scalar_t>) {
+    if (simd && !(layout.permuted && sel.partial_ties())) {
+      return avx512::kept_block_sums(in, plan.n, plan.first_block(c), plan.last_block(c), sel.rule(), block_sums);
+    }
+  }
   for (int64_t block = plan.first_block(c); block < plan.last_block(c); ++block) {
     const int64_t begin = block * kSumBlock;
     const int64_t end = std::min(plan.n, begin + kSumBlock);
@@ -573,9 +659,14 @@ void kept_block_sums(const scalar_t* in, const ChunkPlan& plan, int64_t c,
 template <typename scalar_t>
 void write_forward(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, Variant variant,
                    acc_type<scalar_t> constant, const Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel,
-                   const SampleLayout& layout) {
+                   const SampleLayout& layout, bool simd) {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
+  if constexpr (has_avx512_code<scalar_t>) {
+    if (simd && !(layout.permuted && sel.partial_ties()) && std::isfinite(constant)) {
+      return avx512::write_forward(in, out, begin, end, variant, constant, sel.rule());
+    }
+  }
   // Each variant as a range map (kept == key >= from) and a one-element form.
   auto emit = [&](auto kept_value) {
     for_kept_ranges(
@@ -615,7 +706,6 @@ void write_forward(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end
 
 template <typename Radix, typename scalar_t>
 void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant, const SampleLayout& layout) {
-  using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   const scalar_t* in_base = x.const_data_ptr<scalar_t>();
   scalar_t* out_base = out.mutable_data_ptr<scalar_t>();
@@ -626,7 +716,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant
     });
     return;
   }
-  const SampleSelector<Radix, scalar_t> selector{layout, k};
+  const bool simd = cpu_simd_enabled();
+  const SampleSelector<Radix, scalar_t> selector{layout, k, simd};
   ScratchPool<Radix, scalar_t> pool(n);
   for_each_sample(layout, [&](int64_t b, int64_t parallel_chunks) {
     const scalar_t* in = in_base + b * n;
@@ -642,21 +733,20 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant
       const int64_t block_len = std::min(kSumBlock, n);
       scratch.masked.resize(static_cast<size_t>(block_len * plan.chunks));
       run_chunks(plan.chunks, [&](int64_t c) {
-        kept_block_sums(in, plan, c, sel, layout, kept_sums.data(), scratch.masked.data() + c * block_len);
+        kept_block_sums(in, plan, c, sel, layout, kept_sums.data(), scratch.masked.data() + c * block_len, simd);
       });
       constant = scale_factor(sel.sum, ordered_total(kept_sums));
     } else if (variant == Variant::Binarize) {
       constant = sel.sum / static_cast<acc_t>(k);
     }
     run_chunks(plan.chunks,
-               [&](int64_t c) { write_forward(in, dst, plan.begin(c), plan.end(c), variant, constant, sel, layout); });
+               [&](int64_t c) { write_forward(in, dst, plan.begin(c), plan.end(c), variant, constant, sel, layout, simd); });
   });
 }
 
 template <typename Radix, typename scalar_t>
 void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k, Variant variant,
                    const SampleLayout& layout) {
-  using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   const scalar_t* x_base = x.const_data_ptr<scalar_t>();
   const scalar_t* g_base = grad.const_data_ptr<scalar_t>();
@@ -666,7 +756,7 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
     grad_x.zero_();
     return;
   }
-  const SampleSelector<Radix, scalar_t> selector{layout, k};
+  const SampleSelector<Radix, scalar_t> selector{layout, k, cpu_simd_enabled()};
   // The backward is not on the inference path: one sample per task, a plain loop per sample.
   at::parallel_for(0, layout.batch, 1, [&](int64_t begin, int64_t end) {
     Scratch<Radix, scalar_t> scratch(n);
@@ -742,6 +832,32 @@ void ash_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Ten
                                     }
                                   });
 }
+
+namespace {
+
+bool cpu_has_avx512() {
+#ifdef ASH_EXT_HAVE_AVX512_CODE
+  // libgcc's check includes the OS saving the AVX-512 registers (XGETBV).
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+bool simd_allowed_by_environment() {
+  const char* setting = std::getenv("ASH_EXT_CPU_SIMD");
+  return setting == nullptr || std::strcmp(setting, "0") != 0;
+}
+
+std::atomic<bool> cpu_simd_on{cpu_has_avx512() && simd_allowed_by_environment()};
+
+}  // namespace
+
+bool cpu_simd_available() { return cpu_has_avx512(); }
+
+bool cpu_simd_enabled() { return cpu_simd_on.load(std::memory_order_relaxed); }
+
+bool set_cpu_simd(bool enabled) { return cpu_simd_on.exchange(enabled && cpu_has_avx512()); }
 
 TORCH_LIBRARY_IMPL(ash_ext, CPU, m) { BackendOps<&ash_forward_cpu, &ash_backward_cpu>::register_impls(m); }
 
