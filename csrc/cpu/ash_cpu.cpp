@@ -837,7 +837,9 @@ namespace {
 
 bool cpu_has_avx512() {
 #ifdef ASH_EXT_HAVE_AVX512_CODE
-  // libgcc's check includes the OS saving the AVX-512 registers (XGETBV).
+  // This runs from a static initialiser, possibly before libgcc's own CPU detection: start it.
+  // The check includes the OS saving the AVX-512 registers (XGETBV).
+  __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("popcnt");
 #else
   return false;

@@ -178,19 +178,22 @@ ASH_EXT_AVX512 inline int64_t pass_window(const float* in, int64_t n, int64_t fi
     const int64_t begin = block * kSumBlock;
     const int64_t end = std::min(n, begin + kSumBlock);
     __m512 sum = _mm512_setzero_ps();
+    __m512i above_lanes = _mm512_setzero_si512();  // per-lane counts: < kSumBlock each
     const auto step = [&](int64_t i, __mmask16 valid) ASH_EXT_AVX512_LAMBDA {
       const __m512 v = _mm512_maskz_loadu_ps(valid, in + i);
       sum = _mm512_mask_add_ps(sum, valid, sum, v);
       __mmask16 inside;
       __m512i gather;  // the gathered values' keys, or the values (made keys after the loop)
       if (by_value) {
-        above_total += popcount(_mm512_mask_cmp_ps_mask(valid, v, high_value, _CMP_NLE_UQ));
+        above_lanes = _mm512_mask_sub_epi32(above_lanes, _mm512_mask_cmp_ps_mask(valid, v, high_value, _CMP_NLE_UQ),
+                                            above_lanes, _mm512_set1_epi32(-1));
         inside = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(valid, v, low_value, _CMP_GE_OQ), v, high_value,
                                          _CMP_LE_OQ);
         gather = _mm512_castps_si512(v);
       } else {
         const __m512i key = keys16(v);
-        above_total += popcount(_mm512_mask_cmpgt_epu32_mask(valid, key, high));
+        above_lanes = _mm512_mask_sub_epi32(above_lanes, _mm512_mask_cmpgt_epu32_mask(valid, key, high), above_lanes,
+                                            _mm512_set1_epi32(-1));
         inside = _mm512_mask_cmple_epu32_mask(valid, _mm512_sub_epi32(key, low), span);
         gather = key;
       }
@@ -202,6 +205,7 @@ ASH_EXT_AVX512 inline int64_t pass_window(const float* in, int64_t n, int64_t fi
     };
     for_registers(begin, end, step);
     block_sums[block] = lanes_total(sum);
+    above_total += _mm512_reduce_add_epi32(above_lanes);
   }
   if (by_value) {
     for (int64_t j = 0; j < count; ++j) {
