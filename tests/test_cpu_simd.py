@@ -139,6 +139,38 @@ def test_batches_that_make_the_window_miss(variant: str) -> None:
         assert bits_equal(alone, simd[b : b + 1])
 
 
+def candidate_sets_that_defeat_interpolation(n: int, seed: int) -> torch.Tensor:
+    """Rows whose values near the threshold are anything but evenly spread: two clusters of
+    repeats, geometric spacing, one long run of ties with a few neighbours, a steep tail.
+    Pass C estimates the threshold's key by interpolation; these make its windows miss above
+    and below, collapse onto ties and run out of rounds (then radix digits finish)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [
+        torch.where(torch.rand(n, generator=g) < 0.5, 1.0, 1.0 + 2.0**-20),  # two adjacent keys
+        torch.where(torch.rand(n, generator=g) < 0.3, 0.75, 1.5) + torch.randn(n, generator=g) * 1e-7,
+        torch.exp2(torch.randint(-60, 60, (n,), generator=g).float()),  # one value per octave
+        torch.exp2(-torch.rand(n, generator=g) * 40.0),  # log-uniform: keys crowd together
+        torch.full((n,), 3.0),
+        torch.randn(n, generator=g).relu_() ** 6,  # a steep tail: density far from even
+    ]
+    rows[4][torch.randperm(n, generator=g)[:7]] = torch.tensor([2.0, 4.0, 2.5, 3.5, 1.0, 5.0, 3.0 + 2.0**-22])
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("variant", list(FUNCTIONS))
+@pytest.mark.parametrize("n", [40, 2048, 50_000])
+def test_candidate_sets_that_defeat_interpolation(variant: str, n: int) -> None:
+    x = candidate_sets_that_defeat_interpolation(n, seed=n)
+    previous = ash_ext.set_cpu_simd(True)
+    try:
+        for percentile in (0.1, 0.5, 0.65, 0.9, 0.999):
+            for order in (x, x.flip(0), x.repeat(3, 1)):  # each row after each other: warm windows
+                assert_same_bits(order, percentile, variant)
+            assert_matches_oracle(FUNCTIONS[variant](x, percentile), x, percentile, variant)
+    finally:
+        ash_ext.set_cpu_simd(previous)
+
+
 @pytest.mark.parametrize("variant", list(FUNCTIONS))
 def test_stale_guess_from_an_earlier_call(variant: str) -> None:
     """A call's first samples start from the thread's guess of the last call: whatever it was,

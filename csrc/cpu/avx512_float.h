@@ -7,7 +7,9 @@
 // l of a sum block accumulates the values at block offsets l, l + 16, l + 32, ... (one 16-lane
 // register), and the lanes are then added in order 0..15. (Adding a masked-off lane's +0.0 in
 // the portable code is the identity: a lane that starts at +0.0 can never hold -0.0.) The tests
-// run both versions on the same inputs and compare the results bit for bit.
+// run both versions on the same inputs and compare the results bit for bit. Pass C is the
+// exception that proves it: rank_rounds finds the threshold by another method than the portable
+// radix digits, but what it finds -- the k-th largest key, its ties -- is defined by the keys alone.
 //
 // Why: the portable loops run at about 1.1 ns per value for the selection, mostly spent on
 // storing keys to a buffer and reading them back in separate loops; here one pass loads 16
@@ -24,6 +26,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "cpu_common.h"
@@ -34,9 +37,11 @@
 #define ASH_EXT_AVX512_LAMBDA __attribute__((target("avx512f,popcnt"), always_inline))
 
 // GCC 12 reports the deliberately undefined inputs of some AVX-512 intrinsics (e.g.
-// _mm512_srai_epi32's _mm512_undefined_epi32) as maybe-uninitialized.
+// _mm512_srai_epi32's _mm512_undefined_epi32, _mm512_reduce_min_epu32's
+// _mm256_undefined_si256) as (maybe-)uninitialized.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace ash_ext {
 namespace avx512 {
@@ -252,6 +257,127 @@ ASH_EXT_AVX512 inline int64_t pass_b(const float* in, int64_t begin, int64_t end
     count += popcount(match);
   });
   return count;
+}
+
+// Pass C for 32-bit keys, by rounds of a window instead of radix digits (whose histogram
+// update is one scalar read-modify-write per key). The want-th largest of some keys is near
+// where its rank puts it if the keys were spread evenly over their range -- and a window
+// around a threshold is narrow, so they nearly are. Each round counts the keys above a window
+// around that estimate, some sqrt(count) ranks either side, and gathers the keys inside, all
+// with vector compares: the next round has only those. A window that misses still tells how
+// many keys lie beyond it, which narrows the key range the answer is in (the keys stay put).
+struct RankRounds {
+  bool found;           // whether threshold, ties and need hold the answer
+  uint32_t threshold;   // the want-th largest key
+  int64_t ties;         // keys equal to it
+  int64_t need;         // of those, how many rank within want
+  const uint32_t* keys; // else: the answer is the want-th largest of keys[0, count)
+  int64_t count;
+  int64_t want;
+};
+
+// At most this many keys are ranked by compares against all of them (two registers).
+constexpr int64_t kRankInRegisters = 32;
+
+// The smallest and largest of keys[0, count), count >= 1.
+ASH_EXT_AVX512 inline void key_span(const uint32_t* keys, int64_t count, uint32_t* smallest, uint32_t* largest) {
+  __m512i low = _mm512_set1_epi32(-1);
+  __m512i high = _mm512_setzero_si512();
+  for_registers(0, count, [&](int64_t i, __mmask16 valid) ASH_EXT_AVX512_LAMBDA {
+    const __m512i key = _mm512_maskz_loadu_epi32(valid, keys + i);
+    low = _mm512_mask_min_epu32(low, valid, low, key);
+    high = _mm512_mask_max_epu32(high, valid, high, key);
+  });
+  *smallest = _mm512_reduce_min_epu32(low);
+  *largest = _mm512_reduce_max_epu32(high);
+}
+
+// The want-th largest of keys[0, count) (1 <= want <= count <= kRankInRegisters): each key's
+// rank by compares against all of them.
+ASH_EXT_AVX512 inline RankRounds rank_in_registers(const uint32_t* keys, int64_t count, int64_t want) {
+  const __mmask16 valid_low = first_lanes(count);
+  const __mmask16 valid_high = count > 16 ? first_lanes(count - 16) : __mmask16(0);
+  const __m512i low = _mm512_maskz_loadu_epi32(valid_low, keys);
+  const __m512i high = _mm512_maskz_loadu_epi32(valid_high, keys + 16);
+  for (int64_t i = 0; i < count; ++i) {
+    const __m512i key = broadcast_key(keys[i]);
+    const int greater = popcount(_mm512_mask_cmpgt_epu32_mask(valid_low, low, key)) +
+                        popcount(_mm512_mask_cmpgt_epu32_mask(valid_high, high, key));
+    const int equal = popcount(_mm512_mask_cmpeq_epi32_mask(valid_low, low, key)) +
+                      popcount(_mm512_mask_cmpeq_epi32_mask(valid_high, high, key));
+    if (greater < want && want <= greater + equal) {
+      return RankRounds{true, keys[i], equal, want - greater, keys, count, want};
+    }
+  }
+  return RankRounds{false, 0, 0, 0, keys, count, want};  // only for want outside [1, count]
+}
+
+// Runs up to max_rounds window rounds on the want-th largest of keys[0, count) (1 <= want <=
+// count), `spare` holding as many keys (both with 16 slots of room after them); finishes in
+// registers when at most kRankInRegisters keys are left. Not found: the caller selects among
+// the keys left by any exact method.
+ASH_EXT_AVX512 inline RankRounds rank_rounds(uint32_t* keys, uint32_t* spare, int64_t count, int64_t want,
+                                             int max_rounds) {
+  // The answer lies in [lo, hi]; `above` keys are above hi and `within` keys in [lo, hi], so
+  // above < want <= above + within.
+  uint32_t lo = 0;
+  uint32_t hi = 0;
+  key_span(keys, count, &lo, &hi);
+  int64_t above = 0;
+  int64_t within = count;
+  uint32_t* to = spare;
+  for (int round = 0; round < max_rounds && count > kRankInRegisters; ++round) {
+    if (lo == hi) {
+      return RankRounds{true, lo, within, want - above, keys, count, want};
+    }
+    // The estimate's rank error is about sqrt(within) / 2 at most for evenly spread keys.
+    const double per_rank = (double(hi) - double(lo)) / double(within);
+    const double estimate = double(hi) - per_rank * (double(want - above) - 0.5);
+    const double margin = per_rank * (1.5 * std::sqrt(double(within)) + 2.0);
+    const auto window_lo = static_cast<uint32_t>(std::clamp(estimate - margin, double(lo), double(hi)));
+    const auto window_hi = static_cast<uint32_t>(std::clamp(estimate + margin, double(lo), double(hi)));
+    const __m512i low = broadcast_key(window_lo);
+    const __m512i span = broadcast_key(window_hi - window_lo);
+    const __m512i high = broadcast_key(window_hi);
+    __m512i above_lanes = _mm512_setzero_si512();
+    __m512i inside_low = _mm512_set1_epi32(-1);
+    __m512i inside_high = _mm512_setzero_si512();
+    int64_t inside = 0;
+    for_registers(0, count, [&](int64_t i, __mmask16 valid) ASH_EXT_AVX512_LAMBDA {
+      const __m512i key = _mm512_maskz_loadu_epi32(valid, keys + i);
+      above_lanes = _mm512_mask_sub_epi32(above_lanes, _mm512_mask_cmpgt_epu32_mask(valid, key, high), above_lanes,
+                                          _mm512_set1_epi32(-1));
+      const __mmask16 in = _mm512_mask_cmple_epu32_mask(valid, _mm512_sub_epi32(key, low), span);
+      inside_low = _mm512_mask_min_epu32(inside_low, in, inside_low, key);
+      inside_high = _mm512_mask_max_epu32(inside_high, in, inside_high, key);
+      _mm512_storeu_si512(to + inside, _mm512_maskz_compress_epi32(in, key));
+      inside += popcount(in);
+    });
+    const int64_t window_above = _mm512_reduce_add_epi32(above_lanes);
+    if (window_above >= want) {  // above the window: some keys lie in (window_hi, hi]
+      within = window_above - above;
+      lo = window_hi + 1;
+    } else if (window_above + inside < want) {  // below it: some keys lie in [lo, window_lo)
+      within = above + within - (window_above + inside);
+      above = window_above + inside;
+      hi = window_lo - 1;
+    } else {  // inside: only the window's keys are left
+      std::swap(keys, to);
+      count = inside;
+      want -= window_above;
+      above = 0;
+      within = inside;
+      lo = _mm512_reduce_min_epu32(inside_low);
+      hi = _mm512_reduce_max_epu32(inside_high);
+    }
+  }
+  if (lo == hi) {
+    return RankRounds{true, lo, within, want - above, keys, count, want};
+  }
+  if (count <= kRankInRegisters) {
+    return rank_in_registers(keys, count, want);
+  }
+  return RankRounds{false, 0, 0, 0, keys, count, want};
 }
 
 // The sample offset of the need-th value (1-based) whose key is `threshold`, or -1.
