@@ -93,16 +93,6 @@ ThresholdGuess<key_type<scalar_t>>& this_threads_guess() {
   return guess;
 }
 
-// Whether the AVX-512 loops serve scalar_t (float32 only) when `simd` is on. Call sites test it
-// with `if constexpr (has_avx512_code<scalar_t>)` so that the float-only code is only compiled
-// for float.
-template <typename scalar_t>
-#ifdef ASH_EXT_HAVE_AVX512_CODE
-constexpr bool has_avx512_code = std::is_same_v<scalar_t, float>;
-#else
-constexpr bool has_avx512_code = false;
-#endif
-
 // A thread's working memory, reused across the samples it handles (no allocation per sample:
 // short samples would pay more for it than for their selection). Made and used by one thread.
 template <typename Radix, typename scalar_t>
@@ -111,7 +101,7 @@ struct Scratch {
   using acc_t = acc_type<scalar_t>;
   std::vector<uint32_t> hist;        // kHistCopies * kFirstBuckets
   std::vector<key_t> candidates;     // gathered keys, with kLanes slots of room for whole-register stores
-  std::vector<key_t> spare;          // pass C's second buffer of keys, as large (AVX-512 only)
+  std::vector<key_t> spare;          // pass C's second buffer of keys, grown to the candidates' count (AVX-512 only)
   std::vector<int64_t> tie_indices;  // logical indices of ties, permuted layouts only
   std::vector<int64_t> counts;       // top-digit counts, one histogram per chunk
   std::vector<acc_t> block_sums;     // s1 per sum block
@@ -120,8 +110,7 @@ struct Scratch {
   std::vector<int64_t> gathered;     // keys gathered per chunk
   std::vector<int64_t> chunk_above;  // keys above the window per chunk
   ThresholdGuess<key_t>& guess = this_threads_guess<Radix, scalar_t>();
-  explicit Scratch(int64_t n) : hist(Radix::kHistCopies * Radix::kFirstBuckets), candidates(static_cast<size_t>(n + kLanes)),
-        spare(has_avx512_code<scalar_t> ? static_cast<size_t>(n + kLanes) : 0) {}
+  explicit Scratch(int64_t n) : hist(Radix::kHistCopies * Radix::kFirstBuckets), candidates(static_cast<size_t>(n + kLanes)) {}
 };
 
 template <typename scalar_t>
@@ -174,6 +163,16 @@ inline void gather_digits(const key_t* keys, int64_t len, int shift, key_t lo, k
   }
   *count = gathered;
 }
+
+// Whether the AVX-512 loops serve scalar_t (float32 only) when `simd` is on. Call sites test it
+// with `if constexpr (has_avx512_code<scalar_t>)` so that the float-only code is only compiled
+// for float.
+template <typename scalar_t>
+#ifdef ASH_EXT_HAVE_AVX512_CODE
+constexpr bool has_avx512_code = std::is_same_v<scalar_t, float>;
+#else
+constexpr bool has_avx512_code = false;
+#endif
 
 // The shared walk of passes A and W over the sum blocks [first_block, last_block): each
 // block's sum into block_sums, and per_tile(keys, len) for the keys of each tile.
@@ -363,14 +362,18 @@ void select_by_digits(key_t* keys, int64_t count, int64_t want, Selection<key_t,
 constexpr int kRankRounds = 6;
 
 // Pass C: selects the `want`-th largest (1 <= want <= count) of the gathered keys -- which
-// hold every key equal to it -- and sets sel.threshold, sel.ties and sel.need. `spare` has
-// room for count + kLanes keys, like `keys`; either may be overwritten.
+// hold every key equal to it -- and sets sel.threshold, sel.ties and sel.need. `keys` has room
+// for count + kLanes keys; `spare` is grown to as many. Either may be overwritten.
 template <typename Radix, typename scalar_t>
-void select_among_candidates(key_type<scalar_t>* keys, key_type<scalar_t>* spare, int64_t count, int64_t want,
-                             Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel, bool simd) {
+void select_among_candidates(key_type<scalar_t>* keys, std::vector<key_type<scalar_t>>& spare, int64_t count,
+                             int64_t want, Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel, bool simd) {
   if constexpr (has_avx512_code<scalar_t>) {
     if (simd) {
-      const avx512::RankRounds left = avx512::rank_rounds(keys, spare, count, want, kRankRounds);
+      // A window gathers a few hundred keys at most, so spare seldom reaches the sample's size.
+      if (spare.size() < static_cast<size_t>(count + kLanes)) {
+        spare.resize(static_cast<size_t>(count + kLanes));
+      }
+      const avx512::RankRounds left = avx512::rank_rounds(keys, spare.data(), count, want, kRankRounds);
       if (left.found) {
         sel.threshold = left.threshold;
         sel.ties = left.ties;
@@ -379,7 +382,7 @@ void select_among_candidates(key_type<scalar_t>* keys, key_type<scalar_t>* spare
       }
       TORCH_INTERNAL_ASSERT(left.count > avx512::kRankInRegisters, "ash_ext: no candidate ranks ", left.want);
       // The keys left are in keys or spare; digits reorder them in place.
-      return select_by_digits<Radix>(const_cast<key_type<scalar_t>*>(left.keys), left.count, left.want, sel);
+      return select_by_digits<Radix>(left.keys, left.count, left.want, sel);
     }
   }
   select_by_digits<Radix>(keys, count, want, sel);
@@ -455,12 +458,12 @@ struct SampleSelector {
     const int64_t count = scratch.guess.valid ? select_in_window(in, scratch, plan, block_sums, &above) : -1;
     if (count >= 0) {
       // C, from the window's keys (which share no top bits).
-      select_among_candidates<Radix, scalar_t>(scratch.candidates.data(), scratch.spare.data(), count, k - above, sel, simd);
+      select_among_candidates<Radix, scalar_t>(scratch.candidates.data(), scratch.spare, count, k - above, sel, simd);
     } else {
       // A, B, C.
       const auto [digit_count, digit_above] = select_by_histogram(in, scratch, plan, block_sums);
-      select_among_candidates<Radix, scalar_t>(scratch.candidates.data(), scratch.spare.data(), digit_count,
-                                               k - digit_above, sel, simd);
+      select_among_candidates<Radix, scalar_t>(scratch.candidates.data(), scratch.spare, digit_count, k - digit_above,
+                                               sel, simd);
       scratch.guess.half_width = scratch.guess.valid
                                       ? std::min<key_t>(kMaxHalfWidth, static_cast<key_t>(scratch.guess.half_width * 4))
                                       : kInitialHalfWidth;

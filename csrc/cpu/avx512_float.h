@@ -271,7 +271,7 @@ struct RankRounds {
   uint32_t threshold;   // the want-th largest key
   int64_t ties;         // keys equal to it
   int64_t need;         // of those, how many rank within want
-  const uint32_t* keys; // else: the answer is the want-th largest of keys[0, count)
+  uint32_t* keys;       // else: the answer is the want-th largest of keys[0, count)
   int64_t count;
   int64_t want;
 };
@@ -294,7 +294,7 @@ ASH_EXT_AVX512 inline void key_span(const uint32_t* keys, int64_t count, uint32_
 
 // The want-th largest of keys[0, count) (1 <= want <= count <= kRankInRegisters): each key's
 // rank by compares against all of them.
-ASH_EXT_AVX512 inline RankRounds rank_in_registers(const uint32_t* keys, int64_t count, int64_t want) {
+ASH_EXT_AVX512 inline RankRounds rank_in_registers(uint32_t* keys, int64_t count, int64_t want) {
   const __mmask16 valid_low = first_lanes(count);
   const __mmask16 valid_high = count > 16 ? first_lanes(count - 16) : __mmask16(0);
   const __m512i low = _mm512_maskz_loadu_epi32(valid_low, keys);
@@ -326,10 +326,7 @@ ASH_EXT_AVX512 inline RankRounds rank_rounds(uint32_t* keys, uint32_t* spare, in
   int64_t above = 0;
   int64_t within = count;
   uint32_t* to = spare;
-  for (int round = 0; round < max_rounds && count > kRankInRegisters; ++round) {
-    if (lo == hi) {
-      return RankRounds{true, lo, within, want - above, keys, count, want};
-    }
+  for (int round = 0; round < max_rounds && count > kRankInRegisters && lo != hi; ++round) {
     // The estimate's rank error is about sqrt(within) / 2 at most for evenly spread keys.
     const double per_rank = (double(hi) - double(lo)) / double(within);
     const double estimate = double(hi) - per_rank * (double(want - above) - 0.5);
@@ -371,7 +368,7 @@ ASH_EXT_AVX512 inline RankRounds rank_rounds(uint32_t* keys, uint32_t* spare, in
       hi = _mm512_reduce_max_epu32(inside_high);
     }
   }
-  if (lo == hi) {
+  if (lo == hi) {  // every key in [lo, hi] is the answer
     return RankRounds{true, lo, within, want - above, keys, count, want};
   }
   if (count <= kRankInRegisters) {
