@@ -50,7 +50,7 @@ def _extensions() -> list:
         and CUDA_HOME is not None
         and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
     )
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp it runs serially.
     cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     cxx_flags += os.environ.get("ASH_EXT_EXTRA_CXXFLAGS", "").split()

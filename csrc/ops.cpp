@@ -1,13 +1,12 @@
-// The ash_ext op schemas, the front end every backend shares, and the Python module stub.
-#include <Python.h>
-
+// The ash_ext op schemas and the front end every backend shares. Nothing here depends on a
+// backend, so that any set of backends links with it (the CUDA emulation links it with the
+// emulated backend alone); the Python module of the real build is in python_module.cpp.
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include "ash.h"
-#include "cpu/cpu_common.h"
 
 namespace ash_ext {
 namespace {
@@ -181,45 +180,3 @@ TORCH_LIBRARY(ash_ext, m) {
 }
 
 }  // namespace ash_ext
-
-namespace {
-
-PyObject* compiled_with_cuda(PyObject* /*self*/, PyObject* /*args*/) {
-#ifdef ASH_EXT_WITH_CUDA
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
-
-PyObject* cpu_simd_enabled(PyObject* /*self*/, PyObject* /*args*/) {
-  return PyBool_FromLong(ash_ext::cpu_simd_enabled());
-}
-
-PyObject* cpu_simd_available(PyObject* /*self*/, PyObject* /*args*/) {
-  return PyBool_FromLong(ash_ext::cpu_simd_available());
-}
-
-PyObject* set_cpu_simd(PyObject* /*self*/, PyObject* arg) {
-  const int enabled = PyObject_IsTrue(arg);
-  if (enabled < 0) {
-    return nullptr;
-  }
-  return PyBool_FromLong(ash_ext::set_cpu_simd(enabled != 0));
-}
-
-PyMethodDef module_methods[] = {
-    {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
-    {"cpu_simd_enabled", cpu_simd_enabled, METH_NOARGS, "Whether the CPU kernel runs its AVX-512 loops."},
-    {"cpu_simd_available", cpu_simd_available, METH_NOARGS, "Whether the CPU kernel can run AVX-512 loops here."},
-    {"set_cpu_simd", set_cpu_simd, METH_O, "Switch the CPU kernel's AVX-512 loops on or off; returns the old setting."},
-    {nullptr, nullptr, 0, nullptr}};
-
-}  // namespace
-
-// Importing ash_ext._C loads the library, whose static initialisers register the ops.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {
-      PyModuleDef_HEAD_INIT, "_C", "ash_ext's compiled kernels", -1, module_methods, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&module);
-}
