@@ -11,25 +11,26 @@
 
 #include "cuda/ash_cuda.h"
 #include "cuda/ash_kernels.cuh"
+#include "cuda/kernel_setup.h"
 
 namespace ash_ext {
 namespace cuda_detail {
 
 // Launches on the current stream of the current device; scratch comes from the caching allocator
 // (stream-ordered, so releasing it when the op returns is safe, and fine under graph capture).
-// Nothing here synchronises with the host.
+// Nothing here synchronises with the host; every launch is prepared and checked by
+// prepare_launch (kernel_setup.h), which the emulator runs too.
 class CudaLauncher {
  public:
-  explicit CudaLauncher(const at::Tensor& like)
-      : stream_(at::cuda::getCurrentCUDAStream()), byte_options_(like.options().dtype(at::kByte)) {}
+  CudaLauncher(const at::Tensor& like, const DeviceLimits& limits)
+      : stream_(at::cuda::getCurrentCUDAStream()),
+        device_(like.get_device()),
+        dynamic_limit_(max_dynamic_shared_bytes(limits)),
+        byte_options_(like.options().dtype(at::kByte)) {}
 
   template <typename... Params, typename... Args>
   void launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t shared_bytes, Args... args) {
-    if (shared_bytes > kDefaultDynamicSharedLimit) {
-      // A host-side setting of the kernel (no stream work), so also fine under graph capture.
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared_bytes)));
-    }
+    prepare_launch(reinterpret_cast<const void*>(kernel), device_, grid, block, shared_bytes, dynamic_limit_);
     kernel<<<grid, block, shared_bytes, stream_>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -40,8 +41,9 @@ class CudaLauncher {
   }
 
  private:
-  static constexpr size_t kDefaultDynamicSharedLimit = 48 * 1024;
   cudaStream_t stream_;
+  int device_;
+  size_t dynamic_limit_;
   at::TensorOptions byte_options_;
   std::vector<at::Tensor> buffers_;
 };
@@ -51,7 +53,7 @@ void run_ash_cuda(bool backward, Variant variant, const scalar_t* x, const scala
                   int64_t k, const SampleLayout& layout, const at::Tensor& like) {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const DeviceLimits limits{props->multiProcessorCount, static_cast<int64_t>(props->sharedMemPerBlockOptin)};
-  CudaLauncher launcher(like);
+  CudaLauncher launcher(like, limits);
   if (backward) {
     run_variant<scalar_t, true>(launcher, limits, variant, x, grad, out, k, layout);
   } else {

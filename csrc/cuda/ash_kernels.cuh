@@ -6,9 +6,10 @@
 // logical indices finds the cut that keeps the `need` ties with the smallest logical index. Then
 // the sums the variant needs are formed in a fixed order, and one pass writes the output.
 //
-// Three regimes, chosen on the host from the shape alone (plan_launch):
-//  1. on chip: a sample of at most kOnChipSampleBytes goes to one block, which reads it from
-//     global memory once into shared memory, runs every pass there, and writes the output once;
+// Three regimes, chosen on the host from the shape alone (plan_launch, launch_plan.h):
+//  1. on chip: a sample that fits in shared memory next to the histogram (up to the device's
+//     opt-in limit) goes to one block, which reads it from global memory once into shared
+//     memory, runs every pass there, and writes the output once;
 //  2. one block per long sample, every pass reading the sample from global memory (L2), when
 //     there are enough samples (batch >= 2 x SMs) to fill the GPU;
 //  3. a chunked pipeline for long samples that are too few to fill the GPU: each sample is cut
@@ -32,6 +33,7 @@
 
 #include "ash_semantics.h"
 #include "block_ops.cuh"
+#include "cuda/launch_plan.h"
 #include "radix_select.cuh"
 
 namespace ash_ext {
@@ -44,26 +46,6 @@ __device__ __forceinline__ unsigned char* dynamic_shared_memory() {
   return dynamic_shared;
 }
 #endif
-
-// Regime 1 takes samples up to this size (12288 float32, 24576 float16/bfloat16, 6144 float64
-// elements), staged in shared memory next to the 8 KiB histogram.
-constexpr int64_t kOnChipSampleBytes = 48 * 1024;
-// Shared memory a kernel may use statically on top of its dynamic allocation (reduction and scan
-// scratch); used only to check that a staged sample fits the device's per-block limit.
-constexpr size_t kStaticSharedAllowance = 2048;
-constexpr int kMaxBlockThreads = 512;
-// Regimes 1 and 2 keep at least two blocks of kMaxBlockThreads resident per multiprocessor (64
-// registers a thread; ptxas spills a few bytes in some instantiations).
-constexpr int kMinBlocksPerSmForBlockPerSample = 2;
-// Regime 2 needs at least this many samples per multiprocessor.
-constexpr int64_t kSamplesPerSmForBlockPerSample = 2;
-// Regime 3: blocks of kChunkThreads threads, about kChunkBlocksPerSm blocks per multiprocessor in
-// all, chunks a multiple of kChunkTile elements (a multiple of every pack size) and at most
-// kMaxChunkElements, so that a block's shared-memory counts fit 32 bits.
-constexpr int kChunkThreads = 512;
-constexpr int64_t kChunkBlocksPerSm = 4;
-constexpr int64_t kChunkTile = kChunkThreads * 8;
-constexpr int64_t kMaxChunkElements = int64_t(1) << 30;
 
 __host__ __device__ __forceinline__ int64_t min_int64(int64_t a, int64_t b) {
   return a < b ? a : b;
@@ -205,13 +187,13 @@ __device__ __forceinline__ SampleSums<acc_t> block_sums(SampleSums<acc_t> sums, 
 
 // The whole selection of one sample by one block. Ends with a barrier after the last read of
 // `sample`.
-template <typename scalar_t>
+template <int kLoadsInFlight, typename scalar_t>
 __device__ __forceinline__ SampleSelection<scalar_t> select_in_block(const scalar_t* sample, int64_t n, int64_t k,
                                                                      const SampleLayout& layout, unsigned* hist,
                                                                      SelectScratch& scratch) {
   using key_t = key_type<scalar_t>;
   constexpr int kValueKeyBits = static_cast<int>(8 * sizeof(key_t));
-  const RadixSelection by_value = block_radix_select(
+  const RadixSelection by_value = block_radix_select<kLoadsInFlight>(
       sample, n, kValueKeyBits, static_cast<unsigned long long>(k),
       [](int64_t, scalar_t value, unsigned long long* key) {
         *key = order_key(value);
@@ -222,7 +204,7 @@ __device__ __forceinline__ SampleSelection<scalar_t> select_in_block(const scala
                                       &layout};
   if (by_value.rank_in_bucket < by_value.bucket_size) {
     const key_t threshold = selection.threshold;
-    const RadixSelection by_index = block_radix_select(
+    const RadixSelection by_index = block_radix_select<kLoadsInFlight>(
         sample, n, tie_key_bits(n), by_value.rank_in_bucket,
         [&](int64_t offset, scalar_t value, unsigned long long* key) {
           if (order_key(value) != threshold) {
@@ -241,16 +223,18 @@ __device__ __forceinline__ SampleSelection<scalar_t> select_in_block(const scala
 // copy. Otherwise (regime 2) every pass reads global memory. Dynamic shared memory: the histogram
 // (kNumBins counters), then the staged sample.
 template <typename scalar_t, Variant kVariant, bool kBackward, bool kStaged>
-__global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSmForBlockPerSample)
+__global__ void __launch_bounds__(kMaxBlockThreads, kStaged && !kBackward ? kMinBlocksPerSmOnChip : 1)
     sample_per_block_kernel(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t batch, int64_t n,
                             int64_t k, const __grid_constant__ SampleLayout layout) {
   using acc_t = acc_type<scalar_t>;
   using Output = AshOutput<scalar_t, kVariant, kBackward>;
+  // (The backward pass reads two arrays, and its registers are tighter.)
+  constexpr int kLoadsInFlight = kStaged ? 1 : (kBackward ? 2 : kGlobalLoadsInFlight);
   unsigned char* dynamic_shared = dynamic_shared_memory();
   unsigned* hist = reinterpret_cast<unsigned*>(dynamic_shared);
   scalar_t* staged = reinterpret_cast<scalar_t*>(dynamic_shared + kNumBins * sizeof(unsigned));
-  __shared__ SelectScratch select_scratch;
-  __shared__ acc_t sum_scratch[kMaxWarpsPerBlock];
+  ASH_SHARED(select_scratch, SelectScratch);
+  ASH_SHARED(sum_scratch, acc_t[kMaxWarpsPerBlock]);
 
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
     const scalar_t* sample = x + b * n;
@@ -262,16 +246,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSmForBlockPerSa
       __syncthreads();
       sample = staged;
     }
-    const SampleSelection<scalar_t> selection = select_in_block(sample, n, k, layout, hist, select_scratch);
+    const SampleSelection<scalar_t> selection =
+        select_in_block<kLoadsInFlight>(sample, n, k, layout, hist, select_scratch);
     Output output{};
     if constexpr (Output::kNeedsSums) {
       SampleSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
       if constexpr (kBackward) {
-        for_each_element_pair(sample, sample_grad, 0, n, [&](int64_t offset, scalar_t value, scalar_t g) {
+        for_each_element_pair<kLoadsInFlight>(sample, sample_grad, 0, n, [&](int64_t offset, scalar_t value, scalar_t g) {
           Output::add(sums, selection, offset, value, g);
         });
       } else {
-        for_each_element(sample, 0, n, [&](int64_t offset, scalar_t value) {
+        for_each_element<kLoadsInFlight>(sample, 0, n, [&](int64_t offset, scalar_t value) {
           Output::add(sums, selection, offset, value, value);
         });
       }
@@ -281,11 +266,12 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kMinBlocksPerSmForBlockPerSa
     // selection ends with one, block_sum starts with one), so in-place output is safe: each
     // element is read and then written by the same thread.
     if constexpr (kBackward) {
-      map_element_pairs(sample, sample_grad, sample_out, 0, n, [&](int64_t offset, scalar_t value, scalar_t g) {
+      map_element_pairs<kLoadsInFlight>(sample, sample_grad, sample_out, 0, n,
+                                        [&](int64_t offset, scalar_t value, scalar_t g) {
         return output.backward(selection.kept(offset, value), g);
       });
     } else {
-      map_elements(sample, sample_out, 0, n, [&](int64_t offset, scalar_t value) {
+      map_elements<kLoadsInFlight>(sample, sample_out, 0, n, [&](int64_t offset, scalar_t value) {
         return output.forward(selection.kept(offset, value), value);
       });
     }
@@ -310,19 +296,23 @@ struct ChunkedSampleState {
 // Counts this block's arrival at the end of a kernel and returns, on every thread, whether it
 // was the last of the sample's `expected` blocks; the last block then sees every global write
 // the others made before arriving. Every thread must call it (once per kernel).
+//
+// The barrier orders the block's writes before thread 0's fence (fences are cumulative), so one
+// thread fences and takes the atomic for the block: release before the arrival, and in the last
+// block acquire after it, before the barrier that releases the other threads to read.
 __device__ __forceinline__ bool arrive_last(unsigned int* arrivals, int64_t expected) {
-  __shared__ bool is_last;
-  __threadfence();  // release: this thread's global writes and atomics before the arrival
+  ASH_SHARED(is_last, bool);
   __syncthreads();
   if (threadIdx.x == 0) {
-    is_last = atomicAdd(arrivals, 1u) + 1u == static_cast<unsigned int>(expected);
+    __threadfence();  // release: the block's global writes and atomics before the arrival
+    const bool last = atomicAdd(arrivals, 1u) + 1u == static_cast<unsigned int>(expected);
+    if (last) {
+      __threadfence();  // acquire: the other blocks' writes before the reads that follow
+    }
+    is_last = last;
   }
   __syncthreads();
-  const bool last = is_last;
-  if (last) {
-    __threadfence();  // acquire: order the reads that follow after the other blocks' writes
-  }
-  return last;
+  return is_last;
 }
 
 template <typename scalar_t>
@@ -336,13 +326,13 @@ __device__ __forceinline__ SampleSelection<scalar_t> load_selection(const Chunke
 // (keys are tie keys of the elements equal to T). Block `blockIdx.x` handles chunk
 // blockIdx.x % chunks of sample blockIdx.x / chunks.
 template <typename scalar_t, bool kTiePhase>
-__global__ void __launch_bounds__(kChunkThreads)
+__global__ void __launch_bounds__(kChunkThreads, kChunkBlocksResidentPerSm)
     chunked_histogram_kernel(const scalar_t* x, int64_t n, int64_t chunk_len, int64_t chunks, int64_t k,
                              int key_bits, int pass, const __grid_constant__ SampleLayout layout,
                              ChunkedSampleState* states) {
   using key_t = key_type<scalar_t>;
-  __shared__ unsigned hist[kNumBins];
-  __shared__ SelectScratch scratch;
+  ASH_SHARED(hist, unsigned[kNumBins]);
+  ASH_SHARED(scratch, SelectScratch);
   const int64_t sample = blockIdx.x / chunks;
   const int64_t chunk = blockIdx.x % chunks;
   ChunkedSampleState* state = states + sample;
@@ -366,7 +356,9 @@ __global__ void __launch_bounds__(kChunkThreads)
   __syncthreads();
   const int64_t begin = chunk * chunk_len;
   const int64_t end = min_int64(n, begin + chunk_len);
-  count_digits(x + sample * n, begin, end, hist, [&](int64_t offset, scalar_t value) {
+  // The tie phase's keys need the layout's divisions: registers are short for loads ahead there.
+  count_digits<kTiePhase ? 1 : kGlobalLoadsInFlight>(x + sample * n, begin, end, hist, [&](int64_t offset,
+                                                                                          scalar_t value) {
     unsigned long long key;
     if constexpr (kTiePhase) {
       if (order_key(value) != threshold) {
@@ -415,20 +407,22 @@ __global__ void __launch_bounds__(kChunkThreads)
     } else {
       state->tie_cut = key;
     }
-    state->arrivals = 0u;
+    // Atomic: the other blocks' arrivals are atomics, and a plain store would race with them in
+    // the memory model (nothing orders it after their RMWs but the counts this block read).
+    atomicExch(&state->arrivals, 0u);
   }
 }
 
 // The sums of one chunk, then (by the sample's last block) the sample's totals in chunk order and
 // the output coefficients.
 template <typename scalar_t, Variant kVariant, bool kBackward>
-__global__ void __launch_bounds__(kChunkThreads)
+__global__ void __launch_bounds__(kChunkThreads, kBackward ? 1 : kChunkBlocksResidentPerSm)
     chunked_sums_kernel(const scalar_t* x, const scalar_t* grad, int64_t n, int64_t chunk_len, int64_t chunks,
                         int64_t k, const __grid_constant__ SampleLayout layout, ChunkedSampleState* states,
                         SampleSums<acc_type<scalar_t>>* partials, AshOutput<scalar_t, kVariant, kBackward>* outputs) {
   using acc_t = acc_type<scalar_t>;
   using Output = AshOutput<scalar_t, kVariant, kBackward>;
-  __shared__ acc_t sum_scratch[kMaxWarpsPerBlock];
+  ASH_SHARED(sum_scratch, acc_t[kMaxWarpsPerBlock]);
   const int64_t sample = blockIdx.x / chunks;
   const int64_t chunk = blockIdx.x % chunks;
   ChunkedSampleState* state = states + sample;
@@ -438,7 +432,7 @@ __global__ void __launch_bounds__(kChunkThreads)
   const int64_t end = min_int64(n, begin + chunk_len);
   SampleSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
   if constexpr (kBackward) {
-    for_each_element_pair(x + sample * n, grad + sample * n, begin, end,
+    for_each_element_pair<1>(x + sample * n, grad + sample * n, begin, end,
                           [&](int64_t offset, scalar_t value, scalar_t g) {
                             Output::add(sums, selection, offset, value, g);
                           });
@@ -462,12 +456,14 @@ __global__ void __launch_bounds__(kChunkThreads)
       total.grad += __ldcg(&own[c].grad);
     }
     outputs[sample] = Output::make(total, selection, k);
-    state->arrivals = 0u;
+    // Atomic: the other blocks' arrivals are atomics, and a plain store would race with them in
+    // the memory model (nothing orders it after their RMWs but the counts this block read).
+    atomicExch(&state->arrivals, 0u);
   }
 }
 
 template <typename scalar_t, Variant kVariant, bool kBackward>
-__global__ void __launch_bounds__(kChunkThreads)
+__global__ void __launch_bounds__(kChunkThreads, kBackward || sizeof(scalar_t) == 2 ? 1 : kChunkBlocksResidentPerSm)
     chunked_output_kernel(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t n, int64_t chunk_len,
                           int64_t chunks, const __grid_constant__ SampleLayout layout,
                           const ChunkedSampleState* states, const AshOutput<scalar_t, kVariant, kBackward>* outputs) {
@@ -483,12 +479,12 @@ __global__ void __launch_bounds__(kChunkThreads)
   const int64_t end = min_int64(n, begin + chunk_len);
   // Each element is read and then written by the same thread, so `out` may alias `x`.
   if constexpr (kBackward) {
-    map_element_pairs(x + sample * n, grad + sample * n, out + sample * n, begin, end,
+    map_element_pairs<1>(x + sample * n, grad + sample * n, out + sample * n, begin, end,
                       [&](int64_t offset, scalar_t value, scalar_t g) {
                         return output.backward(selection.kept(offset, value), g);
                       });
   } else {
-    map_elements(x + sample * n, out + sample * n, begin, end, [&](int64_t offset, scalar_t value) {
+    map_elements<2>(x + sample * n, out + sample * n, begin, end, [&](int64_t offset, scalar_t value) {
       return output.forward(selection.kept(offset, value), value);
     });
   }
@@ -496,48 +492,6 @@ __global__ void __launch_bounds__(kChunkThreads)
 
 // ---------------------------------------------------------------------------------------------
 // Launch planning and the launch sequence.
-
-struct DeviceLimits {
-  int64_t sm_count;
-  int64_t shared_bytes_per_block;  // the opt-in maximum of dynamic + static shared memory
-};
-
-enum class Regime { kOnChip, kBlockPerSample, kChunked };
-
-struct LaunchPlan {
-  Regime regime;
-  int threads;          // per block
-  size_t shared_bytes;  // dynamic shared memory per block
-  int64_t chunk_len;    // kChunked: elements per chunk (the last chunk may be shorter)
-  int64_t chunks;       // kChunked: chunks per sample
-};
-
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
-// The regime and launch geometry for `batch` samples of n elements, from the shape alone.
-inline LaunchPlan plan_launch(int64_t batch, int64_t n, int64_t element_bytes, const DeviceLimits& limits) {
-  const size_t hist_bytes = kNumBins * sizeof(unsigned);
-  const int64_t sample_bytes = n * element_bytes;
-  const size_t staged_bytes = static_cast<size_t>(ceil_div(sample_bytes, 16) * 16);
-  if (sample_bytes <= kOnChipSampleBytes &&
-      hist_bytes + staged_bytes + kStaticSharedAllowance <= static_cast<size_t>(limits.shared_bytes_per_block)) {
-    const int threads = n <= 1024 ? 128 : (n <= 4096 ? 256 : kMaxBlockThreads);
-    return LaunchPlan{Regime::kOnChip, threads, hist_bytes + staged_bytes, 0, 0};
-  }
-  // One block per sample counts in 32-bit shared counters, hence the bound on n.
-  if (batch >= kSamplesPerSmForBlockPerSample * limits.sm_count && n <= int64_t(UINT32_MAX)) {
-    return LaunchPlan{Regime::kBlockPerSample, kMaxBlockThreads, hist_bytes, 0, 0};
-  }
-  const int64_t chunks_wanted = ceil_div(kChunkBlocksPerSm * limits.sm_count, batch);
-  int64_t chunk_len = ceil_div(ceil_div(n, chunks_wanted), kChunkTile) * kChunkTile;
-  chunk_len = chunk_len < kMaxChunkElements ? chunk_len : kMaxChunkElements;
-  const int64_t chunks = ceil_div(n, chunk_len);
-  TORCH_CHECK(batch * chunks <= INT_MAX, "ash_ext: ", batch, " samples of ", n,
-              " elements need more thread blocks than one launch allows");
-  return LaunchPlan{Regime::kChunked, kChunkThreads, 0, chunk_len, chunks};
-}
 
 // Runs ASH (kBackward: its backward; grad is then non-null) on every sample, k >= 1. A Launcher
 // provides

@@ -14,6 +14,24 @@
 namespace ash_ext {
 namespace cuda_detail {
 
+// A block's static shared variable: ASH_SHARED(name, type) declares `type name` in shared memory
+// (arrays too: ASH_SHARED(hist, unsigned[2048])). Under the emulator (tests/emulation) it is a
+// reference into the emulated block's own static shared memory, filled with a poison pattern
+// when the block starts, so that a read before the first write is caught and blocks that run
+// interleaved do not share it.
+template <typename T>
+using shared_type = T;
+#ifdef ASH_EXT_CUDA_EMULATION
+#define ASH_SHARED(name, ...)                                                                                 \
+  ::ash_ext::cuda_detail::shared_type<__VA_ARGS__>& name =                                                    \
+      ::emu::static_shared<::ash_ext::cuda_detail::shared_type<__VA_ARGS__>>([] {                             \
+        static const char site = 0;                                                                           \
+        return static_cast<const void*>(&site);                                                               \
+      }())
+#else
+#define ASH_SHARED(name, ...) __shared__ ::ash_ext::cuda_detail::shared_type<__VA_ARGS__> name
+#endif
+
 constexpr int kWarpSize = 32;
 constexpr int kMaxWarpsPerBlock = 32;  // blocks have at most 1024 threads
 constexpr unsigned kFullWarpMask = 0xffffffffu;
@@ -116,7 +134,7 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t>& pa
 // kWithSecond: also read `second` at the same offsets (the gradient, in the backward pass).
 // kWrite: store fn's result to `out` at the same offsets. A pack is loaded completely before its
 // result is stored, by the same thread, so `out` may alias `first` (in-place).
-template <bool kWithSecond, bool kWrite, typename scalar_t, typename Fn>
+template <bool kWithSecond, bool kWrite, int kLoadsInFlight, typename scalar_t, typename Fn>
 __device__ __forceinline__ void visit_range(const scalar_t* first, const scalar_t* second, scalar_t* out,
                                             int64_t begin, int64_t end, Fn&& fn) {
   constexpr int kPackSize = Pack<scalar_t>::kSize;
@@ -128,29 +146,60 @@ __device__ __forceinline__ void visit_range(const scalar_t* first, const scalar_
   if constexpr (kWrite) {
     aligned = aligned && is_pack_aligned(out + begin);
   }
-  for (int64_t g = threadIdx.x; g < packs; g += blockDim.x) {
-    const int64_t offset = begin + g * kPackSize;
-    const Pack<scalar_t> a = load_pack(first + offset, aligned);
-    [[maybe_unused]] Pack<scalar_t> b;
-    if constexpr (kWithSecond) {
-      b = load_pack(second + offset, aligned);
-    }
+  // One pack, loaded completely before its result is stored.
+  auto visit_pack = [&](int64_t offset, const Pack<scalar_t>& first_pack, const Pack<scalar_t>& second_pack) {
     [[maybe_unused]] Pack<scalar_t> result;
 #pragma unroll
     for (int j = 0; j < kPackSize; ++j) {
       if constexpr (kWrite && kWithSecond) {
-        result.v[j] = fn(offset + j, a.v[j], b.v[j]);
+        result.v[j] = fn(offset + j, first_pack.v[j], second_pack.v[j]);
       } else if constexpr (kWrite) {
-        result.v[j] = fn(offset + j, a.v[j]);
+        result.v[j] = fn(offset + j, first_pack.v[j]);
       } else if constexpr (kWithSecond) {
-        fn(offset + j, a.v[j], b.v[j]);
+        fn(offset + j, first_pack.v[j], second_pack.v[j]);
       } else {
-        fn(offset + j, a.v[j]);
+        fn(offset + j, first_pack.v[j]);
       }
     }
     if constexpr (kWrite) {
       store_pack(out + offset, result, aligned);
     }
+  };
+  // A thread's packs are loaded kLoadsInFlight ahead of their use (a shift register of packs),
+  // so that enough bytes are in flight to cover the latency of HBM with one copy of the
+  // per-element code; they are still visited in the order g, g + blockDim.x, ..., which keeps
+  // each thread's sums in a fixed order.
+  static_assert(kLoadsInFlight >= 1, "at least the pack in use");
+  const int64_t stride = blockDim.x;
+  Pack<scalar_t> a[kLoadsInFlight];
+  [[maybe_unused]] Pack<scalar_t> b[kLoadsInFlight];
+  auto load_ahead = [&](int slot, int64_t g) {
+    if (g < packs) {
+      a[slot] = load_pack(first + begin + g * kPackSize, aligned);
+      if constexpr (kWithSecond) {
+        b[slot] = load_pack(second + begin + g * kPackSize, aligned);
+      }
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < kLoadsInFlight; ++u) {
+    load_ahead(u, threadIdx.x + u * stride);
+  }
+  for (int64_t g = threadIdx.x; g < packs; g += stride) {
+    const Pack<scalar_t> current = a[0];
+    [[maybe_unused]] Pack<scalar_t> current_second;
+    if constexpr (kWithSecond) {
+      current_second = b[0];
+    }
+#pragma unroll
+    for (int u = 0; u + 1 < kLoadsInFlight; ++u) {
+      a[u] = a[u + 1];
+      if constexpr (kWithSecond) {
+        b[u] = b[u + 1];
+      }
+    }
+    load_ahead(kLoadsInFlight - 1, g + kLoadsInFlight * stride);
+    visit_pack(begin + g * kPackSize, current, current_second);
   }
   const int64_t tail = begin + packs * kPackSize;
   if (tail < end && static_cast<int64_t>(threadIdx.x) == packs % static_cast<int64_t>(blockDim.x)) {
@@ -168,42 +217,64 @@ __device__ __forceinline__ void visit_range(const scalar_t* first, const scalar_
   }
 }
 
+// How many 16-byte loads per thread a pass keeps in flight when it reads global memory: enough
+// for HBM3/HBM3e at the occupancy of the kernels (about 32 KiB per multiprocessor). Passes over
+// a sample staged in shared memory use 1 (shared memory needs no hiding, registers are dearer).
+constexpr int kGlobalLoadsInFlight = 4;
+
 // fn(offset, value) for every element of [begin, end).
-template <typename scalar_t, typename Fn>
+template <int kLoadsInFlight = kGlobalLoadsInFlight, typename scalar_t, typename Fn>
 __device__ __forceinline__ void for_each_element(const scalar_t* data, int64_t begin, int64_t end, Fn&& fn) {
-  visit_range<false, false>(data, static_cast<const scalar_t*>(nullptr), static_cast<scalar_t*>(nullptr), begin,
+  visit_range<false, false, kLoadsInFlight>(data, static_cast<const scalar_t*>(nullptr), static_cast<scalar_t*>(nullptr), begin,
                             end, fn);
 }
 
-// fn(offset, first[offset], second[offset]) for every offset of [begin, end).
-template <typename scalar_t, typename Fn>
+// fn(offset, first[offset], second[offset]) for every offset of [begin, end). Two arrays: half
+// the packs of each in flight.
+template <int kLoadsInFlight = kGlobalLoadsInFlight, typename scalar_t, typename Fn>
 __device__ __forceinline__ void for_each_element_pair(const scalar_t* first, const scalar_t* second, int64_t begin,
                                                       int64_t end, Fn&& fn) {
-  visit_range<true, false>(first, second, static_cast<scalar_t*>(nullptr), begin, end, fn);
+  visit_range<true, false, (kLoadsInFlight + 1) / 2>(first, second, static_cast<scalar_t*>(nullptr), begin, end, fn);
 }
 
 // out[offset] = fn(offset, data[offset]) for every offset of [begin, end); out may alias data.
-template <typename scalar_t, typename Fn>
+template <int kLoadsInFlight = kGlobalLoadsInFlight, typename scalar_t, typename Fn>
 __device__ __forceinline__ void map_elements(const scalar_t* data, scalar_t* out, int64_t begin, int64_t end,
                                              Fn&& fn) {
-  visit_range<false, true>(data, static_cast<const scalar_t*>(nullptr), out, begin, end, fn);
+  visit_range<false, true, kLoadsInFlight>(data, static_cast<const scalar_t*>(nullptr), out, begin, end, fn);
 }
 
 // out[offset] = fn(offset, first[offset], second[offset]) for every offset of [begin, end).
-template <typename scalar_t, typename Fn>
+template <int kLoadsInFlight = kGlobalLoadsInFlight, typename scalar_t, typename Fn>
 __device__ __forceinline__ void map_element_pairs(const scalar_t* first, const scalar_t* second, scalar_t* out,
                                                   int64_t begin, int64_t end, Fn&& fn) {
-  visit_range<true, true>(first, second, out, begin, end, fn);
+  visit_range<true, true, (kLoadsInFlight + 1) / 2>(first, second, out, begin, end, fn);
 }
 
-// Copies n elements from global memory into a 16-byte aligned shared buffer.
+// Copies n elements from global memory into a 16-byte aligned shared buffer, several loads in
+// flight per thread.
 template <typename scalar_t>
 __device__ __forceinline__ void copy_to_shared(const scalar_t* source, scalar_t* shared, int64_t n) {
   constexpr int kPackSize = Pack<scalar_t>::kSize;
+  constexpr int kLoadsInFlight = 4;
   const int64_t packs = n / kPackSize;
   const bool aligned = is_pack_aligned(source);
-  for (int64_t g = threadIdx.x; g < packs; g += blockDim.x) {
-    reinterpret_cast<Pack<scalar_t>*>(shared)[g] = load_pack(source + g * kPackSize, aligned);
+  const int64_t stride = blockDim.x;
+  auto* shared_packs = reinterpret_cast<Pack<scalar_t>*>(shared);
+  int64_t g = threadIdx.x;
+  for (; g + (kLoadsInFlight - 1) * stride < packs; g += kLoadsInFlight * stride) {
+    Pack<scalar_t> loaded[kLoadsInFlight];
+#pragma unroll
+    for (int u = 0; u < kLoadsInFlight; ++u) {
+      loaded[u] = load_pack(source + (g + u * stride) * kPackSize, aligned);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoadsInFlight; ++u) {
+      shared_packs[g + u * stride] = loaded[u];
+    }
+  }
+  for (; g < packs; g += stride) {
+    shared_packs[g] = load_pack(source + g * kPackSize, aligned);
   }
   for (int64_t i = packs * kPackSize + threadIdx.x; i < n; i += blockDim.x) {
     shared[i] = source[i];

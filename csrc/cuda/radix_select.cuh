@@ -15,14 +15,10 @@
 
 #include "ash_semantics.h"
 #include "block_ops.cuh"
+#include "cuda/launch_plan.h"
 
 namespace ash_ext {
 namespace cuda_detail {
-
-// 11-bit digits: three passes for 32-bit keys, two for 16-bit keys, six for 64-bit keys, and
-// 2048 counters (8 KiB) for a block's histogram.
-constexpr int kDigitBits = 11;
-constexpr int kNumBins = 1 << kDigitBits;
 
 // Which bits of the key one pass looks at.
 struct DigitPass {
@@ -62,9 +58,10 @@ __host__ __device__ inline int tie_key_bits(int64_t n) {
   return bits;
 }
 
-// Not inlined: only tied elements need it, and the 64-bit divisions of a permuted layout's
-// logical_index would otherwise add to the register pressure of every loop that might call it.
-__device__ __noinline__ inline unsigned long long tie_key(const SampleLayout& layout, int64_t n, int64_t offset) {
+// Inlined: a call (as __noinline__ had it) made every kernel that might break a tie keep a
+// stack frame and spill around the call; only tied elements of permuted layouts pay for the
+// divisions in logical_index.
+__device__ __forceinline__ unsigned long long tie_key(const SampleLayout& layout, int64_t n, int64_t offset) {
   return static_cast<unsigned long long>(n - 1 - logical_index(layout, offset));
 }
 
@@ -86,20 +83,34 @@ __device__ __forceinline__ void warp_count_digit(unsigned* hist, unsigned digit)
 // into the shared histogram. Elements go to threads as in for_each_element, but every lane of a
 // warp runs the same number of rounds (lanes past the end count nothing), so that the warp-wide
 // match in warp_count_digit always has the whole warp. Every thread of the block calls it.
-template <typename scalar_t, typename DigitOf>
+template <int kLoadsInFlight = kGlobalLoadsInFlight, typename scalar_t, typename DigitOf>
 __device__ __forceinline__ void count_digits(const scalar_t* data, int64_t begin, int64_t end, unsigned* hist,
                                              DigitOf digit_of) {
   constexpr int kPackSize = Pack<scalar_t>::kSize;
+  // Packs loaded ahead of their use, as in visit_range.
   const int64_t packs = (end - begin) / kPackSize;
   const bool aligned = is_pack_aligned(data + begin);
   const int64_t lane = threadIdx.x % kWarpSize;
-  for (int64_t warp_first = threadIdx.x - lane; warp_first < packs; warp_first += blockDim.x) {
+  const int64_t stride = blockDim.x;
+  Pack<scalar_t> ahead[kLoadsInFlight];
+#pragma unroll
+  for (int u = 0; u < kLoadsInFlight; ++u) {
+    const int64_t g = threadIdx.x + u * stride;
+    if (g < packs) {
+      ahead[u] = load_pack(data + begin + g * kPackSize, aligned);
+    }
+  }
+  for (int64_t warp_first = threadIdx.x - lane; warp_first < packs; warp_first += stride) {
     const int64_t g = warp_first + lane;
     const bool in_range = g < packs;
     const int64_t offset = begin + g * kPackSize;
-    Pack<scalar_t> pack{};
-    if (in_range) {
-      pack = load_pack(data + offset, aligned);
+    const Pack<scalar_t> pack = ahead[0];
+#pragma unroll
+    for (int u = 0; u + 1 < kLoadsInFlight; ++u) {
+      ahead[u] = ahead[u + 1];
+    }
+    if (g + kLoadsInFlight * stride < packs) {
+      ahead[kLoadsInFlight - 1] = load_pack(data + offset + kLoadsInFlight * stride * kPackSize, aligned);
     }
 #pragma unroll
     for (int j = 0; j < kPackSize; ++j) {
@@ -172,7 +183,7 @@ struct RadixSelection {
 // key_bits wide). `hist` is shared memory of kNumBins counters (n must be below 2^32). Every
 // thread calls it and gets the same answer; it ends with a barrier after the block's last read
 // of `sample`.
-template <typename scalar_t, typename KeyOf>
+template <int kLoadsInFlight, typename scalar_t, typename KeyOf>
 __device__ __forceinline__ RadixSelection block_radix_select(const scalar_t* sample, int64_t n, int key_bits,
                                                              unsigned long long rank, KeyOf key_of,
                                                              unsigned* hist, SelectScratch& scratch) {
@@ -186,7 +197,7 @@ __device__ __forceinline__ RadixSelection block_radix_select(const scalar_t* sam
       hist[d] = 0u;
     }
     __syncthreads();
-    count_digits(sample, 0, n, hist, [&](int64_t offset, scalar_t value) {
+    count_digits<kLoadsInFlight>(sample, 0, n, hist, [&](int64_t offset, scalar_t value) {
       unsigned long long key;
       return key_of(offset, value, &key) && (key & decided) == prefix ? digit.digit(key) : kNoDigit;
     });
