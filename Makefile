@@ -1,6 +1,8 @@
 # Set-up, build, tests and the benchmark, for a fresh machine with Python 3 and a C++ compiler.
 #   make bench   - the main job: ash_ext against the reference (python -m ash_ext bench)
-#   make test    - lint and the test suite
+#   make test    - lint and the test suite, with the CUDA kernels' quick emulation runs and
+#                  resource checks (EMULATION=off skips the emulation, EMULATION=full runs it all)
+#   make planted-bugs - shows each check of the CUDA emulator catching a bug planted for it
 # Both create .venv, install what is needed and build the extension first.
 
 VENV ?= .venv
@@ -13,9 +15,10 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
 BENCH_ARGS ?=
+EMULATION ?= quick
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: setup build test lint bench clean
+.PHONY: setup build test lint bench planted-bugs clean
 
 $(VENV)/.deps-ready:
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +44,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: build lint
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	ASH_EXT_EMULATION=$(EMULATION) $(PY) -m pytest tests -q -p no:cacheprovider
+
+planted-bugs: setup
+	$(PY) tests/emulation/planted_bugs.py
 
 bench: build
 	$(PY) -m ash_ext bench $(BENCH_ARGS)

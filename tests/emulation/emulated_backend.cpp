@@ -11,26 +11,31 @@
 
 #include "ash.h"
 #include "cuda/ash_kernels.cuh"
+#include "cuda/kernel_setup.h"
 
 namespace {
 
 using namespace ash_ext;
 
 cuda_detail::DeviceLimits g_limits{132, 227 * 1024};
+int g_device = 0;  // a new emulated device for every set_device_limits
 std::vector<std::string> g_launch_log;
 
+// The emulated twin of CudaLauncher (csrc/cuda/ash_cuda_run.cuh): the same prepare_launch
+// (kernel_setup.h) over the shim's runtime calls, then the grid on the emulator, which checks
+// the launch rules itself.
 class EmulatedLauncher {
  public:
-  explicit EmulatedLauncher(const at::Tensor& like) : byte_options_(like.options().dtype(at::kByte)) {}
+  explicit EmulatedLauncher(const at::Tensor& like)
+      : dynamic_limit_(cuda_detail::max_dynamic_shared_bytes(g_limits)),
+        byte_options_(like.options().dtype(at::kByte)) {}
 
   template <typename... Params, typename... Args>
   void launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t shared_bytes, Args... args) {
-    TORCH_CHECK(shared_bytes + cuda_detail::kStaticSharedAllowance <=
-                    static_cast<size_t>(g_limits.shared_bytes_per_block),
-                "emulated launch asks for ", shared_bytes, " bytes of dynamic shared memory");
-    TORCH_CHECK(grid >= 1 && block >= 32 && block <= 1024, "emulated launch of ", grid, " x ", block);
+    const void* entry = reinterpret_cast<const void*>(kernel);
+    cuda_detail::prepare_launch(entry, g_device, grid, block, shared_bytes, dynamic_limit_);
     g_launch_log.push_back(std::to_string(grid) + "x" + std::to_string(block) + "+" + std::to_string(shared_bytes));
-    emu::Runtime::get().run_grid(grid, block, shared_bytes, [&] { kernel(args...); });
+    emu::Runtime::get().run_grid(entry, grid, block, shared_bytes, [&] { kernel(args...); });
   }
 
   // "Uninitialised" scratch is filled with a pattern, so that reliance on zeros shows up.
@@ -40,9 +45,35 @@ class EmulatedLauncher {
   }
 
  private:
+  size_t dynamic_limit_;
   at::TensorOptions byte_options_;
   std::vector<at::Tensor> buffers_;
 };
+
+// fn(scalar_t{}) for x's dtype. ASH_EMU_SKIP_HALF, _BFLOAT16 and _DOUBLE leave those dtypes'
+// kernels out of the build (each dtype is a quarter of the build time), for the sanitizer and
+// planted-bug runs that check fewer dtypes.
+template <typename Fn>
+void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat:
+      return fn(float{});
+#ifndef ASH_EMU_SKIP_HALF
+    case at::kHalf:
+      return fn(c10::Half{});
+#endif
+#ifndef ASH_EMU_SKIP_BFLOAT16
+    case at::kBFloat16:
+      return fn(c10::BFloat16{});
+#endif
+#ifndef ASH_EMU_SKIP_DOUBLE
+    case at::kDouble:
+      return fn(double{});
+#endif
+    default:
+      TORCH_CHECK(false, "this emulation build has no kernels for ", dtype);
+  }
+}
 
 void forward_emulated(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
                       const SampleLayout& layout) {
@@ -51,7 +82,8 @@ void forward_emulated(const at::Tensor& x, const at::Tensor& out, int64_t k, Var
     return;
   }
   EmulatedLauncher launcher(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "forward_emulated", [&] {
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     cuda_detail::run_variant<scalar_t, false>(launcher, g_limits, variant, x.data_ptr<scalar_t>(), nullptr,
                                               out.data_ptr<scalar_t>(), k, layout);
   });
@@ -64,7 +96,8 @@ void backward_emulated(const at::Tensor& grad, const at::Tensor& x, const at::Te
     return;
   }
   EmulatedLauncher launcher(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "backward_emulated", [&] {
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     cuda_detail::run_variant<scalar_t, true>(launcher, g_limits, variant, x.data_ptr<scalar_t>(),
                                              grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), k, layout);
   });
@@ -72,6 +105,7 @@ void backward_emulated(const at::Tensor& grad, const at::Tensor& x, const at::Te
 
 void set_device_limits(int64_t sm_count, int64_t shared_bytes_per_block) {
   g_limits = cuda_detail::DeviceLimits{sm_count, shared_bytes_per_block};
+  emu::Runtime::get().select_device(++g_device, static_cast<size_t>(shared_bytes_per_block));
 }
 
 // The regime the CUDA backend picks for `batch` samples of n elements: (regime, threads,

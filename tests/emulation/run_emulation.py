@@ -3,12 +3,19 @@
 The kernels and their launch sequence are compiled as plain C++ with an emulated CUDA runtime and
 registered as the ash_ext ops' CPU implementation in a module of their own; this script then
 compares them with the pure-PyTorch fallback on shapes that reach each of the three regimes
-(with a small emulated GPU, so that the shapes stay small), on ties, NaN/inf, channels_last,
-in place, k = 0 and k = n, forward and backward, and checks that repeated runs are bitwise equal.
+(with small emulated GPUs, so that the shapes stay small), the windows of the launch rules, ties,
+NaN/inf, channels_last, in place, k = 0 and k = n, forward and backward, and checks that repeated
+runs are bitwise equal. A violated launch rule raises, which counts as a failure.
 
 Run it in a process of its own: it must not share a process with ash_ext._C (both define the
-ash_ext op namespace). ``python tests/emulation/run_emulation.py [--quick]``; exit status 0 when
-every check passes. Needs a C++20 compiler; the first build takes about a minute.
+ash_ext op namespace).
+
+    python tests/emulation/run_emulation.py [--quick]           # the logic (quick: CI's set)
+    python tests/emulation/run_emulation.py --sanitize address  # AddressSanitizer + UBSan
+    python tests/emulation/run_emulation.py --sanitize thread   # ThreadSanitizer: data races
+
+Exit status 0 when every check passes. Needs a C++20 compiler (GCC: the sanitizers' runtimes are
+GCC's); each build takes one to three minutes and is cached in the build directory.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,11 +36,26 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 
 VARIANTS = {"ash-p": 0, "ash-b": 1, "ash-s": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# The emulated GPU: 2 multiprocessors (so that regime 2 starts at batch 4 and regime 3 cuts a
-# sample into at most 8 chunks), an H100's shared memory per block.
+# The emulated GPUs: 2 multiprocessors (so that regime 2 starts at batch 4 and regime 3 cuts a
+# sample into at most 8 chunks). SMALL has a Turing's 64 KiB of shared memory per block, which
+# keeps the on-chip limit low enough to emulate quickly; H100 has 227 KiB.
 SM_COUNT = 2
-SHARED_PER_BLOCK = 227 * 1024
-ON_CHIP_BYTES = 48 * 1024
+SMALL_SHARED_PER_BLOCK = 64 * 1024
+H100_SHARED_PER_BLOCK = 227 * 1024
+# Shared-memory facts of launch_plan.h, to place shapes at the regime boundaries and in the
+# window of the 48 KiB default limit (dynamic shared memory = histogram + staged sample).
+HISTOGRAM_BYTES = 2048 * 4
+STATIC_ALLOWANCE = 2048
+DEFAULT_DYNAMIC_LIMIT = 48 * 1024
+SANITIZER_FLAGS = {
+    "none": ([], []),
+    "address": (["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
+                ["-fsanitize=address,undefined"]),
+    "thread": (["-fsanitize=thread"], ["-fsanitize=thread"]),
+}
+SANITIZER_RUNTIME = {"address": "libasan.so", "thread": "libtsan.so"}
+SKIP_MACROS = {torch.float16: "HALF", torch.bfloat16: "BFLOAT16", torch.float64: "DOUBLE"}
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 def load_fallback():
@@ -43,21 +66,49 @@ def load_fallback():
     return importlib.import_module("ash_ext.fallback")
 
 
-def build():
+def build(sanitize: str = "none", dtypes=DTYPES, source_root: str = ROOT, build_dir: str = ""):
+    """Compiles (or reuses) the emulated backend; returns the imported module."""
     from torch.utils.cpp_extension import load
 
-    build_dir = os.environ.get("ASH_EXT_EMULATION_BUILD_DIR") or os.path.join(
+    skipped = [name for dtype, name in SKIP_MACROS.items() if dtype not in dtypes]
+    suffix = "".join("_" + str(d).replace("torch.", "") for d in DTYPES if d in dtypes) if skipped else ""
+    name = "ash_ext_emulated" + ("" if sanitize == "none" else "_" + sanitize) + suffix
+    build_dir = build_dir or os.environ.get("ASH_EXT_EMULATION_BUILD_DIR") or os.path.join(
         tempfile.gettempdir(), "ash_ext_emulation"
     )
+    build_dir = os.path.join(build_dir, name)
     os.makedirs(build_dir, exist_ok=True)
+    cflags, ldflags = SANITIZER_FLAGS[sanitize]
+    here = os.path.join(source_root, "tests", "emulation")
     return load(
-        name="ash_ext_emulated",
-        sources=[os.path.join(HERE, "emulated_backend.cpp"), os.path.join(ROOT, "csrc", "ops.cpp")],
-        extra_include_paths=[os.path.join(HERE, "shim"), os.path.join(ROOT, "csrc")],
-        extra_cflags=["-DASH_EXT_CUDA_EMULATION", "-O1", "-std=c++20", "-Wno-unknown-pragmas"],
+        name=name,
+        sources=[os.path.join(here, "emulated_backend.cpp"), os.path.join(source_root, "csrc", "ops.cpp")],
+        extra_include_paths=[os.path.join(here, "shim"), os.path.join(source_root, "csrc")],
+        extra_cflags=["-DASH_EXT_CUDA_EMULATION", "-O1", "-g", "-std=c++20", "-Wno-unknown-pragmas"]
+        + [f"-DASH_EMU_SKIP_{name}" for name in skipped]
+        + cflags,
+        extra_ldflags=ldflags,
         build_directory=build_dir,
         verbose=False,
     )
+
+
+def rerun_with_sanitizer_runtime(sanitize: str) -> int:
+    """Runs this script again with the sanitizer's runtime preloaded (it must be loaded first)."""
+    runtime = subprocess.run(
+        [os.environ.get("CXX", "g++"), f"-print-file-name={SANITIZER_RUNTIME[sanitize]}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    if not os.path.isabs(runtime):
+        print(f"no {SANITIZER_RUNTIME[sanitize]} found (GCC's sanitizer runtimes are needed)")
+        return 2
+    # One thread: torch's OpenMP runtime is not instrumented, and ThreadSanitizer would report its
+    # synchronisation as races.
+    env = dict(os.environ, LD_PRELOAD=runtime, ASH_EXT_EMULATION_PRELOADED=runtime, OMP_NUM_THREADS="1")
+    env.setdefault("ASAN_OPTIONS", "detect_leaks=0:halt_on_error=1:abort_on_error=1")
+    env.setdefault("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
+    env.setdefault("TSAN_OPTIONS", "halt_on_error=1:report_signal_unsafe=0:history_size=4")
+    return subprocess.run([sys.executable] + sys.argv, env=env).returncode
 
 
 def kept_count(n: int, percentile: float) -> int:
@@ -117,7 +168,23 @@ class Checker:
             self.failures.append(f"{label}: {str(error).splitlines()[0:6]}")
             print(f"FAIL {label}\n{error}\n", flush=True)
 
+    def run(self, label, fn, *args):
+        """fn(*args), recording a raised error (a violated launch rule, say) as a failure."""
+        try:
+            return fn(*args)
+        except RuntimeError as error:
+            self.count += 1
+            self.failures.append(f"{label}: {str(error).splitlines()[0]}")
+            print(f"FAIL {label}\n{error}\n", flush=True)
+            return None
+
     def forward(self, x, percentile, variant, label, inplace=False):
+        return self.run(label, self._forward, x, percentile, variant, label, inplace)
+
+    def backward(self, x, percentile, variant, label):
+        return self.run(label, self._backward, x, percentile, variant, label)
+
+    def _forward(self, x, percentile, variant, label, inplace):
         k = kept_count(x[0].numel(), percentile)
         self.regimes_seen.add(self.regime(x))
         want = self.fallback.shape(x.clone(), k, variant)
@@ -133,7 +200,7 @@ class Checker:
         self.compare(f"{label} values", got, want, variant, x.dtype)
         return got
 
-    def backward(self, x, percentile, variant, label):
+    def _backward(self, x, percentile, variant, label):
         k = kept_count(x[0].numel(), percentile)
         self.regimes_seen.add(self.regime(x))
         generator = torch.Generator().manual_seed(7)
@@ -177,55 +244,78 @@ def spec_backward(fallback, x, grad, k, variant):
     return torch.empty_like(x).copy_(result.view(x.shape).to(x.dtype))
 
 
-def shapes_for(dtype, quick):
-    """(label, shape) pairs reaching each regime on the emulated 2-SM GPU."""
+def on_chip_limit(element: int, shared_per_block: int) -> int:
+    """The longest sample (elements) the on-chip regime takes on a device with that limit."""
+    return (shared_per_block - STATIC_ALLOWANCE - HISTOGRAM_BYTES) // 16 * 16 // element
+
+
+def window_n(element: int) -> int:
+    """A sample whose on-chip launch needs between 48 KiB minus the kernel's static shared memory
+    (at least 288 bytes) and 48 KiB of dynamic shared memory: it fails unless the launcher raised
+    the kernel's limit (the review's finding 1)."""
+    return (DEFAULT_DYNAMIC_LIMIT - HISTOGRAM_BYTES - 64) // element
+
+
+def shapes_for(dtype, case_set: str):
+    """(label, shape) pairs reaching each regime and the 48 KiB window on the SMALL 2-SM GPU."""
     element = torch.empty((), dtype=dtype).element_size()
-    on_chip_n = ON_CHIP_BYTES // element
+    limit = on_chip_limit(element, SMALL_SHARED_PER_BLOCK)
     shapes = [
         ("on-chip small", (3, 37)),
         ("on-chip 4-D", (2, 16, 4, 4)),
-        ("on-chip limit", (2, on_chip_n)),
-        ("block-per-sample", (4, on_chip_n + 1)),
-        ("chunked limit+1", (3, on_chip_n + 1)),
+        ("on-chip 48 KiB window", (2, window_n(element))),
+        ("on-chip limit", (2, limit)),
+        ("block-per-sample", (4, limit + 1)),
+        ("chunked limit+1", (3, limit + 1)),
         ("chunked", (1, 3 * 4096 * 2 + 123)),
     ]
-    if quick:
-        return [s for s in shapes if s[0] in ("on-chip small", "on-chip 4-D", "block-per-sample", "chunked")]
-    return shapes
+    keep = {
+        "full": [label for label, _ in shapes],
+        "quick": ["on-chip small", "on-chip 48 KiB window", "block-per-sample", "chunked"]
+        + (["on-chip limit"] if dtype == torch.float32 else []),
+        "sanitize": ["on-chip small", "block-per-sample", "chunked"],
+        "smoke": ["on-chip small", "on-chip 48 KiB window", "block-per-sample", "chunked"],
+    }[case_set]
+    return [s for s in shapes if s[0] in keep]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer dtypes and shapes")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    fallback = load_fallback()
-    started = time.time()
-    module = build()
-    module.set_device_limits(SM_COUNT, SHARED_PER_BLOCK)
-    print(f"built in {time.time() - started:.0f}s", flush=True)
+def run_checks(module, fallback, case_set: str, dtypes) -> Checker:
     checker = Checker(module, fallback)
     generator = torch.Generator().manual_seed(1234)
+    module.set_device_limits(SM_COUNT, SMALL_SHARED_PER_BLOCK)
 
-    dtypes = DTYPES[:2] if args.quick else DTYPES
-    kinds = ("normal", "relu", "integers", "special")
+    kinds = {
+        "full": ("normal", "relu", "integers", "special"),
+        "quick": ("relu", "integers", "special"),
+        "sanitize": ("relu",),
+        "smoke": ("relu", "integers"),
+    }[case_set]
+    variants = ("ash-s",) if case_set == "sanitize" else tuple(VARIANTS)
+    percentiles = (0.65, 0.9) if case_set == "full" else (0.65,)
     for dtype in dtypes:
-        for label, shape in shapes_for(dtype, args.quick):
+        for label, shape in shapes_for(dtype, case_set):
             t0 = time.time()
             for kind in kinds:
                 x = make_input(kind, shape, dtype, generator)
-                for variant in VARIANTS:
-                    for percentile in (0.65, 0.9):
+                for variant in variants:
+                    for percentile in percentiles:
                         checker.forward(
                             x, percentile, variant, f"{dtype} {label} {shape} {kind} {variant} p={percentile}"
                         )
                 checker.backward(x, 0.65, "ash-s", f"{dtype} {label} {shape} {kind} ash-s")
+                if case_set == "sanitize":
+                    checker.forward(x, 0.65, "ash-p", f"{dtype} {label} {kind} in-place", inplace=True)
             print(f"{dtype} {label} {shape}: {time.time() - t0:.1f}s", flush=True)
+    if case_set == "sanitize":
+        x = make_input("integers", (1, 64, 15, 15), dtypes[0], generator).to(memory_format=torch.channels_last)
+        checker.forward(x, 0.65, "ash-b", "channels_last chunked integers")
+        checker.backward(x, 0.65, "ash-p", "channels_last chunked integers")
+        return checker
 
     # Edge cases on one dtype: k = 0, k = n, constant samples, channels_last, in place,
     # a slice (non-zero storage offset, misaligned packs), every backward variant.
     dtype = torch.float32
-    for label, shape in shapes_for(dtype, quick=True):
+    for label, shape in shapes_for(dtype, "smoke"):
         x = make_input("relu", shape, dtype, generator)
         for variant in VARIANTS:
             checker.forward(x, 0.0, variant, f"{label} k=n {variant}")
@@ -239,11 +329,12 @@ def main() -> int:
         odd = make_input("normal", (shape[0], shape[1] + 1) + tuple(shape[2:]), dtype, generator)
         checker.forward(odd[:, 1:], 0.65, "ash-b", f"{label} strided input")
 
-    for label, shape in (
+    channels_last = [
         ("on-chip", (2, 24, 5, 7)),
         ("block-per-sample", (4, 64, 15, 15)),
         ("chunked", (1, 128, 15, 15)),
-    ):
+    ]
+    for label, shape in channels_last:
         for kind in ("relu", "integers"):
             x = make_input(kind, shape, torch.float32, generator).to(memory_format=torch.channels_last)
             for variant in VARIANTS:
@@ -252,17 +343,54 @@ def main() -> int:
                 checker.backward(x, 0.65, variant, f"channels_last {label} {kind} {variant}")
 
     # Repeated runs (different block and thread orders in the emulator) must be bitwise equal.
-    for label, shape in shapes_for(torch.float32, quick=True):
+    for label, shape in shapes_for(torch.float32, "smoke"):
         x = make_input("normal", shape, torch.float32, generator)
-        first = torch.ops.ash_ext.ash(x, kept_count(x[0].numel(), 0.65), 2)
+        first = checker.run(label, torch.ops.ash_ext.ash, x, kept_count(x[0].numel(), 0.65), 2)
         module.seed(99)
-        again = torch.ops.ash_ext.ash(x, kept_count(x[0].numel(), 0.65), 2)
-        checker.compare(f"{label} run-to-run", again, first, "ash-s", torch.float32, exact=True)
+        again = checker.run(label, torch.ops.ash_ext.ash, x, kept_count(x[0].numel(), 0.65), 2)
+        if first is not None and again is not None:
+            checker.compare(f"{label} run-to-run", again, first, "ash-s", torch.float32, exact=True)
         # Nor may the sums depend on the data's alignment (packs are then loaded element-wise).
         shifted = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
-        moved = torch.ops.ash_ext.ash(shifted, kept_count(x[0].numel(), 0.65), 2)
-        checker.compare(f"{label} misaligned copy", moved, first, "ash-s", torch.float32, exact=True)
+        moved = checker.run(label, torch.ops.ash_ext.ash, shifted, kept_count(x[0].numel(), 0.65), 2)
+        if first is not None and moved is not None:
+            checker.compare(f"{label} misaligned copy", moved, first, "ash-s", torch.float32, exact=True)
 
+    # An H100's opt-in limit: WideResNet's [B, 640, 8, 8] maps (160 KiB in float32) go on chip.
+    module.set_device_limits(SM_COUNT, H100_SHARED_PER_BLOCK)
+    x = make_input("relu", (2, 640, 8, 8), torch.float32, generator)
+    if module.plan(2, x[0].numel(), 4)[0] != 0:
+        checker.failures.append("WideResNet maps are not on chip with an H100's shared memory")
+    for variant in VARIANTS:
+        checker.forward(x, 0.65, variant, f"H100 on-chip [2, 640, 8, 8] {variant}")
+    checker.backward(x, 0.65, "ash-s", "H100 on-chip [2, 640, 8, 8]")
+    return checker
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the quick set (CI's)")
+    parser.add_argument("--cases", choices=("full", "quick", "sanitize", "smoke"), help="the set of cases")
+    parser.add_argument("--sanitize", choices=("none", "address", "thread"), default="none")
+    parser.add_argument("--dtypes", default="", help="comma-separated dtypes to build and check (default: all; "
+                        "float32 and float16 with --sanitize)")
+    parser.add_argument("--source-root", default=ROOT, help="the ash_ext tree whose kernels to build")
+    parser.add_argument("--build-dir", default="", help="where the emulated module is built")
+    args = parser.parse_args()
+    if args.dtypes:
+        dtypes = tuple(DTYPE_NAMES[name.strip()] for name in args.dtypes.split(","))
+    else:
+        dtypes = (torch.float32, torch.float16) if args.sanitize != "none" else DTYPES
+    if args.sanitize != "none" and "ASH_EXT_EMULATION_PRELOADED" not in os.environ:
+        return rerun_with_sanitizer_runtime(args.sanitize)
+    os.environ.pop("LD_PRELOAD", None)  # the runtime is loaded; the compiler need not have it
+    case_set = args.cases or ("sanitize" if args.sanitize != "none" else "quick" if args.quick else "full")
+    torch.manual_seed(0)
+    fallback = load_fallback()
+    started = time.time()
+    module = build(args.sanitize, dtypes, args.source_root, args.build_dir)
+    print(f"built in {time.time() - started:.0f}s", flush=True)
+    checker = run_checks(module, fallback, case_set, dtypes)
     print(
         f"{checker.count} comparisons, regimes reached: {sorted(checker.regimes_seen)}, "
         f"{len(checker.failures)} failures, {time.time() - started:.0f}s"
