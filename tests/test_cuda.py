@@ -1,8 +1,9 @@
 """The CUDA kernels against the pure-PyTorch fallback and the CPU kernel (needs a GPU).
 
 Covers each regime of csrc/cuda/ash_kernels.cuh and the shapes around its boundaries (the
-on-chip limit of 48 KiB per sample, batch 2 x SMs where long samples switch from the chunked
-pipeline to one block per sample), every dtype, ties, NaN/inf, channels_last, in place,
+on-chip limit, from the device's opt-in shared memory per block; the window below 48 KiB of
+dynamic shared memory where launches once failed; batch 2 x SMs where long samples switch from
+the chunked pipeline to one block per sample), every dtype, ties, NaN/inf, channels_last, in place,
 gradients, CUDA graphs, streams, devices, torch.compile, and run-to-run bit identity.
 ASH-P must match exactly; ASH-B and ASH-S up to the rounding of differently ordered sums.
 """
@@ -17,7 +18,10 @@ from ash_ext import fallback
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-ON_CHIP_BYTES = 48 * 1024  # kOnChipSampleBytes in csrc/cuda/ash_kernels.cuh
+# csrc/cuda/launch_plan.h: a sample goes on chip when histogram + staged sample + the static
+# shared-memory allowance fit the device's opt-in limit per block.
+HISTOGRAM_BYTES = 2048 * 4
+STATIC_ALLOWANCE = 2048
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NAMES = ("ash_p", "ash_b", "ash_s")
 TOLERANCE = {
@@ -32,9 +36,33 @@ def sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
+def shared_optin() -> int:
+    if not torch.cuda.is_available():
+        return 232448  # an H100's, for building the parameter lists without a GPU
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def on_chip_limit(dtype: torch.dtype) -> int:
-    """The largest sample (elements) that the on-chip regime takes."""
-    return ON_CHIP_BYTES // torch.empty((), dtype=dtype).element_size()
+    """The largest sample (elements) that the on-chip regime takes on this device."""
+    return (shared_optin() - STATIC_ALLOWANCE - HISTOGRAM_BYTES) // 16 * 16 // element_size(dtype)
+
+
+def window_n(dtype: torch.dtype) -> int:
+    """A sample whose on-chip launch needs just under 48 KiB of dynamic shared memory: more than
+    the default limit of 48 KiB minus the kernel's static shared memory."""
+    return (48 * 1024 - HISTOGRAM_BYTES - 64) // element_size(dtype)
+
+
+def plan(shape, dtype) -> dict:
+    sms = sm_count() if torch.cuda.is_available() else 132
+    n = 1
+    for size in shape[1:]:
+        n *= size
+    return ash_ext._C.cuda_launch_plan(shape[0], n, element_size(dtype), sms, shared_optin())
 
 
 def make(kind: str, shape, dtype=torch.float32, seed: int = 0, device="cuda") -> torch.Tensor:
@@ -105,12 +133,23 @@ def test_regimes_match_fallback_and_cpu(shape, kind):
             check_forward(name, x, percentile)
 
 
+def test_planned_regimes_at_the_boundaries():
+    for dtype in DTYPES:
+        limit = on_chip_limit(dtype)
+        assert plan((4, limit), dtype)["regime"] == "on-chip"
+        assert plan((4, limit + 1), dtype)["regime"] == "chunked"
+        assert plan((2 * sm_count(), limit + 1), dtype)["regime"] == "block-per-sample"
+        window = plan((4, window_n(dtype)), dtype)
+        assert window["regime"] == "on-chip" and 48 * 1024 - 1024 < window["dynamic_shared"] <= 48 * 1024
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("where", ["limit-1", "limit", "limit+1", "chunked", "block-per-sample"])
+@pytest.mark.parametrize("where", ["window", "limit-1", "limit", "limit+1", "chunked", "block-per-sample"])
 @pytest.mark.parametrize("kind", ["normal", "relu", "special"])
 def test_dtypes_at_boundaries(dtype, where, kind):
     limit = on_chip_limit(dtype)
     shape = {
+        "window": (4, window_n(dtype)),
         "limit-1": (4, limit - 1),
         "limit": (4, limit),
         "limit+1": (4, limit + 1),
@@ -120,6 +159,16 @@ def test_dtypes_at_boundaries(dtype, where, kind):
     x = make(kind, shape, dtype, seed=3)
     for name in NAMES:
         check_forward(name, x, 0.65)
+
+
+@pytest.mark.parametrize("shape", [(4, 10240), (4, 640, 4, 4), (2, 640, 8, 8), (64, 640, 8, 8)], ids=str)
+def test_old_48_kib_window_and_wide_resnet_maps(shape):
+    """[B, 10240] and [B, 640, 4, 4] once failed to launch; WideResNet's [B, 640, 8, 8] maps go
+    on chip with an H100's shared memory."""
+    for kind in ("relu", "integers", "normal"):
+        x = make(kind, shape, seed=5)
+        for name in NAMES:
+            check_forward(name, x, 0.65)
 
 
 @pytest.mark.parametrize("kind", ["normal", "relu"])
@@ -207,7 +256,7 @@ def test_gradients_match_fallback(shape, dtype, name):
 
 @pytest.mark.parametrize(
     "shape",
-    [(32, 2048), (4, ON_CHIP_BYTES // 4), (8, 2048, 7, 7), (1, 1 << 20)],
+    [(32, 2048), (4, window_n(torch.float32)), (8, 2048, 7, 7), (1, 1 << 20)],
     # onchip-limit: more than 48 KiB of shared memory, so the launch raises the kernel's limit
     # (cudaFuncSetAttribute) while the stream is being captured.
     ids=["onchip", "onchip-limit", "chunked", "chunked-2^20"],
