@@ -4,8 +4,11 @@ For each shape, dtype, percentile and variant it times, with CUDA events, the me
 runs after --warmup runs of: the reference (ash_ext.reference, out of place), ash_ext's kernel
 (out of place), and x.clone(). It prints milliseconds, the kernel's speed-up over the reference,
 its bandwidth as 2 * bytes / time (one read and one write of the tensor) and that bandwidth as a
-percentage of clone's; a short table comes last. Full results go to $OUT/gpu_bench.json (OUT
-defaults to ./device_out). Needs only torch and ash_ext.
+percentage of clone's; a "summary:" line and a short table come last. Full results, with each
+shape's launch regime, go to $OUT/gpu_bench.json (OUT defaults to ./device_out). The data are
+continuous (abs-normal, and relu, whose threshold is still a distinct positive value) or tied
+(zeros70: p=0.65 cuts inside the zeros). With ASH_CHECK_STOP_AT (Unix time) set, no shape starts
+after that time. Needs only torch and ash_ext; sized to take well under a minute on an H100.
 """
 
 from __future__ import annotations
@@ -26,13 +29,19 @@ import ash_ext  # noqa: E402
 from ash_ext import reference  # noqa: E402
 
 CONFIGS = [
-    # (shape, dtype, data)
+    # (shape, dtype, data), most wanted first: with ASH_CHECK_STOP_AT set, the last ones may be cut.
     ((64, 2048, 7, 7), torch.float32, "abs-normal"),
+    ((64, 2048, 7, 7), torch.float32, "zeros70"),
     ((64, 2048, 7, 7), torch.float32, "relu"),
     ((256, 2048, 7, 7), torch.float32, "abs-normal"),
     ((256, 2048, 7, 7), torch.float16, "abs-normal"),
     ((256, 2048), torch.float32, "abs-normal"),
+    ((256, 2048), torch.float32, "zeros70"),
     ((1, 2048, 7, 7), torch.float32, "abs-normal"),
+    ((8, 2048, 7, 7), torch.float32, "abs-normal"),
+    ((1, 2048), torch.float32, "abs-normal"),
+    ((2, 640, 8, 8), torch.float32, "abs-normal"),  # WideResNet-28-10's last feature map (CIFAR)
+    ((128, 640, 8, 8), torch.float32, "abs-normal"),
 ]
 PERCENTILES = (0.65, 0.9)
 VARIANTS = ("ash_s", "ash_b")
@@ -41,10 +50,33 @@ VARIANTS = ("ash_s", "ash_b")
 def make(shape, dtype, data):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(shape, generator=g, device="cuda", dtype=torch.float32)
-    # abs-normal: continuous, no ties; relu: about half exact zeros, so p=0.65 cuts inside the
-    # zeros and the tie-break passes run.
-    x = x.abs() if data == "abs-normal" else x.relu()
+    if data == "abs-normal":  # continuous: a distinct threshold, no ties
+        x = x.abs()
+    elif data == "relu":
+        # About half exact zeros, but p=0.65 keeps 35% < 50% positives: the threshold is still a
+        # distinct positive value and the tie-break never runs; the work differs from abs-normal
+        # only in the zeros.
+        x = x.relu()
+    elif data == "zeros70":
+        # 70% exact zeros, the rest |normal|: p=0.65 cuts inside the zeros, so the tie-break (the
+        # lowest-index zeros are kept) runs.
+        x = torch.where(torch.rand(shape, generator=g, device="cuda") < 0.7, 0.0, x.abs())
+    else:
+        raise ValueError(f"unknown data {data!r}")
     return x.to(dtype)
+
+
+def regime_of(shape, dtype, props) -> str:
+    """The CUDA launch regime of this shape (ash_ext._C.cuda_launch_plan), or '?' without the planner."""
+    planner = getattr(ash_ext._ops._C, "cuda_launch_plan", None)
+    if planner is None:
+        return "?"
+    n = 1
+    for size in shape[1:]:
+        n *= size
+    optin = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
+    element = torch.empty((), dtype=dtype).element_size()
+    return planner(shape[0], n, element, props.multi_processor_count, optin)["regime"]
 
 
 def time_ms(fn, warmup: int, reps: int) -> float:
@@ -74,9 +106,17 @@ def main() -> int:
     props = torch.cuda.get_device_properties(0)
     print(f"device: {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
 
+    # device_check.sh's deadline for this step: no shape starts after it, so the table still comes.
+    stop_at = float(os.environ.get("ASH_CHECK_STOP_AT") or "inf")
     results = []
+    skipped = 0
     started = time.time()
-    for shape, dtype, data in CONFIGS:
+    for index, (shape, dtype, data) in enumerate(CONFIGS):
+        if time.time() > stop_at:
+            skipped = len(CONFIGS) - index
+            print(f"skipped the last {skipped} shapes (out of time)", flush=True)
+            break
+        regime = regime_of(shape, dtype, props)
         x = make(shape, dtype, data)
         nbytes = x.numel() * x.element_size()
         clone_ms = time_ms(x.clone, args.warmup, args.reps)
@@ -92,6 +132,7 @@ def main() -> int:
                     "data": data,
                     "percentile": percentile,
                     "variant": variant,
+                    "regime": regime,
                     "reference_ms": ref_ms,
                     "kernel_ms": kernel_ms,
                     "clone_ms": clone_ms,
@@ -102,7 +143,7 @@ def main() -> int:
                 }
                 results.append(row)
                 print(
-                    f"{str(tuple(shape)):<18} {row['dtype']:<8} {data:<10} p={percentile:<4} {variant}: "
+                    f"{str(tuple(shape)):<18} {row['dtype']:<8} {data:<10} p={percentile:<4} {variant} ({regime}): "
                     f"ref {ref_ms:.4f} ms, kernel {kernel_ms:.4f} ms, clone {clone_ms:.4f} ms, "
                     f"x{row['speedup_vs_reference']:.1f}, {row['kernel_gbps']:.0f} GB/s "
                     f"({row['percent_of_clone']:.0f}% of clone)",
@@ -125,7 +166,15 @@ def main() -> int:
             f,
             indent=1,
         )
-    print(f"\nwrote {path} ({time.time() - started:.0f}s)\n")
+    print(f"\nwrote {path} ({time.time() - started:.0f}s)")
+    speedups = [r["speedup_vs_reference"] for r in results]
+    if speedups:
+        print(
+            f"summary: {len(results)} rows, {skipped} shapes skipped; speed-up over the reference: median "
+            f"x{statistics.median(speedups):.1f}, min x{min(speedups):.1f}; {time.time() - started:.0f}s\n"
+        )
+    else:
+        print("summary: no rows\n")
     print(
         f"{'shape':<18} {'dtype':<8} {'data':<10} {'p':<5} {'variant':<6} {'ref ms':>8} {'ash ms':>8} "
         f"{'speedup':>7} {'GB/s':>6} {'%clone':>6}"
@@ -136,7 +185,7 @@ def main() -> int:
             f"{r['reference_ms']:>8.4f} {r['kernel_ms']:>8.4f} {r['speedup_vs_reference']:>7.1f} "
             f"{r['kernel_gbps']:>6.0f} {r['percent_of_clone']:>6.0f}"
         )
-    return 0
+    return 0 if results else 1
 
 
 if __name__ == "__main__":
