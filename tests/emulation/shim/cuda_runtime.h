@@ -7,7 +7,8 @@
 // multiprocessors, started in a shuffled order; the scheduler runs rounds in which every
 // runnable fiber of every resident block, in a shuffled order, runs until its next switch point:
 // a barrier (__syncthreads, and the warp barrier inside a shuffle or match), an atomic (the
-// switch comes before the read-modify-write) or a fence. So blocks of a grid interleave, the
+// switch comes before the read-modify-write) or a fence; in each round a random half of the
+// resident blocks stands still. So blocks of a grid interleave at different speeds, the
 // last-block protocols of the chunked pipeline run with other blocks half-way, and code that
 // reads shared data without the barrier that orders it tends to see stale values. A barrier
 // that some threads never reach is reported as a deadlock (abort).
@@ -297,6 +298,7 @@ class Runtime {
       if (++block.arrived == block.size) {
         block.arrived = 0;
         ++block.generation;
+        yield();  // the last to arrive does not run on at once either
       } else {
         wait_until_changed(&block.generation, generation);
       }
@@ -542,9 +544,18 @@ class Runtime {
       if (resident.empty()) {
         break;
       }
+      // Each round, a random half of the resident blocks stands still, as blocks of a grid
+      // progress at different speeds on a GPU: one block may stall right after its arrival
+      // while another finishes.
       round.clear();
-      for (const auto& block : resident) {
-        for (Fiber* fiber : block->fibers) {
+      bool all_blocks = true;
+      const size_t always = std::uniform_int_distribution<size_t>(0, resident.size() - 1)(rng_);
+      for (size_t b = 0; b < resident.size(); ++b) {
+        if (b != always && (rng_() & 1) != 0) {
+          all_blocks = false;
+          continue;
+        }
+        for (Fiber* fiber : resident[b]->fibers) {
           if (!fiber->finished) {
             round.push_back(fiber);
           }
@@ -560,7 +571,7 @@ class Runtime {
         resume(fiber);
         progressed = true;
       }
-      if (!progressed) {
+      if (!progressed && all_blocks) {
         fail("deadlock: threads wait at a barrier that others never reach");
       }
       for (auto it = resident.begin(); it != resident.end();) {
