@@ -18,10 +18,9 @@ from ash_ext import fallback
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# csrc/cuda/launch_plan.h: a sample goes on chip when histogram + staged sample + the static
-# shared-memory allowance fit the device's opt-in limit per block.
+# csrc/cuda/launch_plan.h: a sample goes on chip when histogram + staged sample fit the dynamic
+# shared-memory limit the launcher sets (the planner reports it).
 HISTOGRAM_BYTES = 2048 * 4
-STATIC_ALLOWANCE = 2048
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 NAMES = ("ash_p", "ash_b", "ash_s")
 TOLERANCE = {
@@ -48,7 +47,8 @@ def element_size(dtype: torch.dtype) -> int:
 
 def on_chip_limit(dtype: torch.dtype) -> int:
     """The largest sample (elements) that the on-chip regime takes on this device."""
-    return (shared_optin() - STATIC_ALLOWANCE - HISTOGRAM_BYTES) // 16 * 16 // element_size(dtype)
+    dynamic_limit = plan((1, 1), dtype)["dynamic_shared_limit"]
+    return (dynamic_limit - HISTOGRAM_BYTES) // 16 * 16 // element_size(dtype)
 
 
 def window_n(dtype: torch.dtype) -> int:

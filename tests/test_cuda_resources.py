@@ -164,9 +164,14 @@ def test_static_shared_memory_within_the_planners_allowance():
         assert static_shared(k) <= limit, (k["readable"], static_shared(k), limit)
 
 
+HISTOGRAM_BYTES = 2048 * 4  # the kernels' 11-bit histogram, in dynamic shared memory
+
+
 def sample_sizes(element: int, optin: int) -> list:
-    on_chip = (optin - 2048 - 8192) // 16 * 16 // element
-    window = [(48 * 1024 - 8192 - s) // element for s in (0, 64, 288, 544, 1024)]
+    # The longest on-chip sample: histogram + 16-byte packs within the launcher's dynamic limit.
+    dynamic_limit = ash_ext._C.cuda_launch_plan(1, 1, element, 1, optin)["dynamic_shared_limit"]
+    on_chip = (dynamic_limit - HISTOGRAM_BYTES) // 16 * 16 // element
+    window = [(DEFAULT_DYNAMIC_LIMIT - HISTOGRAM_BYTES - s) // element for s in (0, 64, 288, 544, 1024)]
     sizes = {1, 2, 3, 31, 37, 1024, 1025, 2048, 4096, 4097, 100352, 1 << 20, on_chip - 1, on_chip, on_chip + 1}
     return sorted(sizes | set(window))
 
