@@ -17,13 +17,21 @@ from ._ops import (
     set_cpu_simd,
 )
 from ._semantics import kept_count
-from .detector import ASH, energy_score
+from .detector import ASH, LTS, SCALE, ReAct, energy_score
+from .detector_base import ModelNotSetException, RequiresFittingException
 from .functional import ash_b, ash_p, ash_s, shape
+from .shaping import shaping
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ASH",
+    "LTS",
+    "ModelNotSetException",
+    "ReAct",
+    "RequiresFittingException",
+    "SCALE",
+    "shaping",
     "CPU_SIMD_ENV",
     "FORCE_FALLBACK_ENV",
     "ash_b",
