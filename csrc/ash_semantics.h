@@ -19,8 +19,10 @@
 
 namespace ash_ext {
 
-// The three ASH variants, numbered as the Python layer passes them.
-enum class Variant : int64_t { Prune = 0, Binarize = 1, Scale = 2 };
+// The shaping variants, numbered as the Python layer passes them: ASH-P, ASH-B, ASH-S, and SCALE
+// (ASH-S's factor applied to every value, nothing pruned).
+enum class Variant : int64_t { Prune = 0, Binarize = 1, Scale = 2, ScaleUnpruned = 3 };
+constexpr int64_t kVariantCount = 4;
 
 // Number of sample dimensions a permuted (e.g. channels_last) layout may have; inputs with more
 // sample dimensions in a permuted layout are made contiguous first.
@@ -175,13 +177,15 @@ C10_HOST_DEVICE inline scalar_t value_of_key(key_type<scalar_t> key) {
   return T::from_bits(b);
 }
 
-// ASH-S's factor exp(s1 / s2) in the accumulation type. A kept sum of zero (every kept value
-// zero, or kept values cancelling) has no defined ratio; the factor is then 1, so that sample
-// is pruned as by ASH-P instead of being turned into NaN or inf.
+// ASH-S's and SCALE's factor exp(s1 / s2) in the accumulation type. A kept sum of zero (every
+// kept value zero, none kept, or kept values cancelling) makes the reference's factor exp(s1 / 0):
+// 0 where s1 < 0, which is kept (the reference's output is then all zeros, and finite); inf or
+// NaN where s1 >= 0, replaced by 1, so that sample is shaped as by ASH-P (SCALE: left as it is)
+// instead of being turned into NaN or inf.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t scale_factor(acc_t s1, acc_t s2) {
   if (s2 == acc_t(0)) {
-    return acc_t(1);
+    return s1 < acc_t(0) ? acc_t(0) : acc_t(1);
   }
   if constexpr (std::is_same_v<acc_t, float>) {
     return ::expf(s1 / s2);

@@ -6,6 +6,9 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
+
 #include "ash.h"
 
 namespace ash_ext {
@@ -19,18 +22,60 @@ int64_t sample_numel(const at::Tensor& x) {
   return n;
 }
 
-void check_input(const at::Tensor& x, int64_t k, int64_t variant) {
+void check_input(const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() >= 2,
                     "ash_ext: the input must have at least 2 dimensions (batch, features...), got a ",
                     x.dim(), "-D tensor of shape ", x.sizes());
   const auto dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
                    "ash_ext: the input must be float16, bfloat16, float32 or float64, got ", dtype);
+}
+
+void check_variant(int64_t variant) {
+  TORCH_CHECK_VALUE(variant >= 0 && variant < kVariantCount,
+                    "ash_ext: variant must be 0 (ASH-P), 1 (ASH-B), 2 (ASH-S) or 3 (SCALE), got ", variant);
+}
+
+// Checks k (or the per-sample ks) and the clamp bounds, and returns them as the backends take
+// them. `k_per_sample` is returned contiguous in `ks_storage`, which must outlive the call.
+ShapeArgs make_args(const at::Tensor& x, int64_t k, const OptionalTensor& k_per_sample, OptionalBound clamp_min,
+                    OptionalBound clamp_max, at::Tensor* ks_storage) {
+  ShapeArgs args;
   const int64_t n = sample_numel(x);
-  TORCH_CHECK_VALUE(k >= 0 && k <= n, "ash_ext: k (the number of values kept per sample) must be in [0, ", n,
-                    "] for samples of ", n, " elements, got ", k);
-  TORCH_CHECK_VALUE(variant >= 0 && variant <= 2,
-                    "ash_ext: variant must be 0 (ASH-P), 1 (ASH-B) or 2 (ASH-S), got ", variant);
+  if (k_per_sample.has_value()) {
+    const at::Tensor& ks = *k_per_sample;
+    TORCH_CHECK_TYPE(ks.scalar_type() == at::kLong, "ash_ext: k_per_sample must be int64, got ", ks.scalar_type());
+    TORCH_CHECK_VALUE(ks.dim() == 1 && ks.size(0) == x.size(0), "ash_ext: k_per_sample must have shape [",
+                      x.size(0), "] (one k per sample), got ", ks.sizes());
+    TORCH_CHECK_VALUE(ks.device() == x.device(), "ash_ext: k_per_sample is on ", ks.device(),
+                      " but the input is on ", x.device());
+    *ks_storage = ks.contiguous();
+    if (ks_storage->device().is_cpu() && ks_storage->numel() > 0) {
+      // On the CPU the range is checked here; on CUDA that would synchronise with the host, so
+      // the kernels turn a sample with k outside [0, n] into NaN instead.
+      const auto [low, high] = at::aminmax(*ks_storage);
+      const int64_t lowest = low.item<int64_t>();
+      const int64_t highest = high.item<int64_t>();
+      TORCH_CHECK_VALUE(lowest >= 0 && highest <= n, "ash_ext: every k in k_per_sample must be in [0, ", n,
+                        "] for samples of ", n, " elements, got values in [", lowest, ", ", highest, "]");
+    }
+    args.k_per_sample = ks_storage->const_data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK_VALUE(k >= 0 && k <= n, "ash_ext: k (the number of values kept per sample) must be in [0, ", n,
+                      "] for samples of ", n, " elements, got ", k);
+    args.k = k;
+  }
+  if (clamp_min.has_value() || clamp_max.has_value()) {
+    const double low = clamp_min.value_or(-std::numeric_limits<double>::infinity());
+    const double high = clamp_max.value_or(std::numeric_limits<double>::infinity());
+    TORCH_CHECK_VALUE(!std::isnan(low) && !std::isnan(high), "ash_ext: the clamp bounds must not be NaN, got [",
+                      low, ", ", high, "]");
+    TORCH_CHECK_VALUE(low <= high, "ash_ext: clamp_min must not exceed clamp_max, got [", low, ", ", high, "]");
+    args.clamped = true;
+    args.clamp_min = low;
+    args.clamp_max = high;
+  }
+  return args;
 }
 
 // Whether every sample is a dense block of n elements at offset b * n (any order inside).
@@ -88,8 +133,12 @@ bool usable_layout(const at::Tensor& t, SampleLayout* layout) {
 
 }  // namespace
 
-at::Tensor ash_forward(const at::Tensor& x, int64_t k, int64_t variant, ForwardKernel kernel) {
-  check_input(x, k, variant);
+at::Tensor ash_forward(const at::Tensor& x, int64_t k, int64_t variant, const OptionalTensor& k_per_sample,
+                       OptionalBound clamp_min, OptionalBound clamp_max, ForwardKernel kernel) {
+  check_input(x);
+  check_variant(variant);
+  at::Tensor ks;
+  const ShapeArgs args = make_args(x, k, k_per_sample, clamp_min, clamp_max, &ks);
   const c10::OptionalDeviceGuard guard(x.device());
   // empty_like keeps a dense input's strides (channels_last in, channels_last out); the fake
   // implementation in Python makes the same choice, so compiled graphs see the real strides.
@@ -100,25 +149,29 @@ at::Tensor ash_forward(const at::Tensor& x, int64_t k, int64_t variant, ForwardK
   const auto v = static_cast<Variant>(variant);
   SampleLayout layout;
   if (x.strides() == out.strides() && usable_layout(x, &layout)) {
-    kernel(x, out, k, v, layout);
+    kernel(x, out, args, v, layout);
   } else if (usable_layout(out, &layout)) {
     // A non-dense input (a slice, an expanded view): one copy into the output's layout.
     at::Tensor staged = at::empty_like(out);
     staged.copy_(x);
-    kernel(staged, out, k, v, layout);
+    kernel(staged, out, args, v, layout);
   } else {
     // A dense layout whose batch dimension is not outermost: work on contiguous copies.
     at::Tensor staged = x.contiguous();
     at::Tensor result = at::empty_like(staged);
     TORCH_INTERNAL_ASSERT(usable_layout(staged, &layout));
-    kernel(staged, result, k, v, layout);
+    kernel(staged, result, args, v, layout);
     out.copy_(result);
   }
   return out;
 }
 
-void ash_forward_inplace(const at::Tensor& x, int64_t k, int64_t variant, ForwardKernel kernel) {
-  check_input(x, k, variant);
+void ash_forward_inplace(const at::Tensor& x, int64_t k, int64_t variant, const OptionalTensor& k_per_sample,
+                         OptionalBound clamp_min, OptionalBound clamp_max, ForwardKernel kernel) {
+  check_input(x);
+  check_variant(variant);
+  at::Tensor ks;
+  const ShapeArgs args = make_args(x, k, k_per_sample, clamp_min, clamp_max, &ks);
   TORCH_CHECK_VALUE(at::has_internal_overlap(x) != at::MemOverlap::Yes,
                     "ash_ext: inplace=True needs an input whose elements do not share memory "
                     "(an expanded tensor cannot be written in place); use inplace=False");
@@ -129,18 +182,21 @@ void ash_forward_inplace(const at::Tensor& x, int64_t k, int64_t variant, Forwar
   const auto v = static_cast<Variant>(variant);
   SampleLayout layout;
   if (usable_layout(x, &layout)) {
-    kernel(x, x, k, v, layout);  // each backend reads a sample fully before writing it
+    kernel(x, x, args, v, layout);  // each backend reads a sample fully before writing it
   } else {
     at::Tensor staged = x.contiguous();
     TORCH_INTERNAL_ASSERT(usable_layout(staged, &layout));
-    kernel(staged, staged, k, v, layout);
+    kernel(staged, staged, args, v, layout);
     x.copy_(staged);
   }
 }
 
 at::Tensor ash_backward(const at::Tensor& grad, const at::Tensor& x, int64_t k, int64_t variant,
-                        BackwardKernel kernel) {
-  check_input(x, k, variant);
+                        const OptionalTensor& k_per_sample, BackwardKernel kernel) {
+  check_input(x);
+  check_variant(variant);
+  at::Tensor ks;
+  const ShapeArgs args = make_args(x, k, k_per_sample, std::nullopt, std::nullopt, &ks);
   TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "ash_ext: the gradient's shape ", grad.sizes(),
                     " differs from the input's ", x.sizes());
   TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "ash_ext: the gradient's dtype ", grad.scalar_type(),
@@ -166,17 +222,54 @@ at::Tensor ash_backward(const at::Tensor& grad, const at::Tensor& x, int64_t k, 
     grad_staged = at::empty_like(x_staged);
     grad_staged.copy_(grad);
   }
-  kernel(grad_staged, x_staged, result, k, static_cast<Variant>(variant), layout);
+  kernel(grad_staged, x_staged, result, args, static_cast<Variant>(variant), layout);
   if (!result.is_same(grad_x)) {
     grad_x.copy_(result);
   }
   return grad_x;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ash_stats(const at::Tensor& x, int64_t k,
+                                                         const OptionalTensor& k_per_sample, OptionalBound clamp_min,
+                                                         OptionalBound clamp_max, StatsKernel kernel) {
+  check_input(x);
+  at::Tensor ks;
+  const ShapeArgs args = make_args(x, k, k_per_sample, clamp_min, clamp_max, &ks);
+  const c10::OptionalDeviceGuard guard(x.device());
+  const int64_t batch = x.size(0);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor threshold = at::empty({batch}, x.options());
+  at::Tensor total = at::empty({batch}, x.options().dtype(acc));
+  at::Tensor kept = at::empty({batch}, x.options().dtype(acc));
+  if (x.numel() == 0) {
+    // Empty samples (or no samples): k is 0, nothing is kept and every sum is 0.
+    threshold.fill_(std::numeric_limits<double>::quiet_NaN());
+    total.zero_();
+    kept.zero_();
+    return {threshold, total, kept};
+  }
+  SampleLayout layout;
+  if (usable_layout(x, &layout)) {
+    kernel(x, args, layout, threshold, total, kept);
+  } else {
+    const at::Tensor staged = x.contiguous();
+    TORCH_INTERNAL_ASSERT(usable_layout(staged, &layout));
+    kernel(staged, args, layout, threshold, total, kept);
+  }
+  return {threshold, total, kept};
+}
+
 TORCH_LIBRARY(ash_ext, m) {
-  m.def("ash(Tensor x, int k, int variant) -> Tensor");
-  m.def("ash_(Tensor(a!) x, int k, int variant) -> ()");
-  m.def("ash_backward(Tensor grad, Tensor x, int k, int variant) -> Tensor");
+  // k_per_sample, when given, replaces k (one k per sample); the clamp bounds, when given, clamp
+  // every value first (the backward takes the clamped x and no bounds).
+  m.def("ash(Tensor x, int k, int variant, Tensor? k_per_sample=None, float? clamp_min=None, "
+        "float? clamp_max=None) -> Tensor");
+  m.def("ash_(Tensor(a!) x, int k, int variant, Tensor? k_per_sample=None, float? clamp_min=None, "
+        "float? clamp_max=None) -> ()");
+  m.def("ash_backward(Tensor grad, Tensor x, int k, int variant, Tensor? k_per_sample=None) -> Tensor");
+  // (threshold, total, kept) per sample: see StatsKernel in ash.h.
+  m.def("topk_stats(Tensor x, int k, Tensor? k_per_sample=None, float? clamp_min=None, "
+        "float? clamp_max=None) -> (Tensor, Tensor, Tensor)");
 }
 
 }  // namespace ash_ext

@@ -840,8 +840,11 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
 
 }  // namespace
 
-void ash_forward_cpu(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
+void ash_forward_cpu(const at::Tensor& x, const at::Tensor& out, const ShapeArgs& args, Variant variant,
                      const SampleLayout& layout) {
+  TORCH_CHECK(args.k_per_sample == nullptr && !args.clamped && variant != Variant::ScaleUnpruned,
+              "ash_ext: not implemented yet on the CPU");
+  const int64_t k = args.k;
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), "ash_ext: the CPU kernel got a tensor on ", x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_forward_cpu",
                                   [&] {
@@ -853,8 +856,11 @@ void ash_forward_cpu(const at::Tensor& x, const at::Tensor& out, int64_t k, Vari
                                   });
 }
 
-void ash_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k,
+void ash_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, const ShapeArgs& args,
                       Variant variant, const SampleLayout& layout) {
+  TORCH_CHECK(args.k_per_sample == nullptr && variant != Variant::ScaleUnpruned,
+              "ash_ext: not implemented yet on the CPU");
+  const int64_t k = args.k;
   TORCH_CHECK(x.device().is_cpu(), "ash_ext: the CPU kernel got a tensor on ", x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_backward_cpu",
                                   [&] {
@@ -894,6 +900,13 @@ bool cpu_simd_enabled() { return cpu_simd_on.load(std::memory_order_relaxed); }
 
 bool set_cpu_simd(bool enabled) { return cpu_simd_on.exchange(enabled && cpu_has_avx512()); }
 
-TORCH_LIBRARY_IMPL(ash_ext, CPU, m) { BackendOps<&ash_forward_cpu, &ash_backward_cpu>::register_impls(m); }
+void ash_stats_cpu(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& layout,
+                   const at::Tensor& threshold, const at::Tensor& total, const at::Tensor& kept) {
+  TORCH_CHECK(false, "ash_ext: topk_stats is not implemented yet on the CPU");
+}
+
+TORCH_LIBRARY_IMPL(ash_ext, CPU, m) {
+  BackendOps<&ash_forward_cpu, &ash_backward_cpu, &ash_stats_cpu>::register_impls(m);
+}
 
 }  // namespace ash_ext

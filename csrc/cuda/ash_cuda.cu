@@ -13,8 +13,11 @@
 
 namespace ash_ext {
 
-void ash_forward_cuda(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
+void ash_forward_cuda(const at::Tensor& x, const at::Tensor& out, const ShapeArgs& args, Variant variant,
                       const SampleLayout& layout) {
+  TORCH_CHECK(args.k_per_sample == nullptr && !args.clamped && variant != Variant::ScaleUnpruned,
+              "ash_ext: not implemented yet on CUDA");
+  const int64_t k = args.k;
   TORCH_INTERNAL_ASSERT(x.is_cuda() && out.device() == x.device() && out.strides() == x.strides());
   const c10::cuda::CUDAGuard device_guard(x.device());
   if (k == 0) {
@@ -27,8 +30,11 @@ void ash_forward_cuda(const at::Tensor& x, const at::Tensor& out, int64_t k, Var
   });
 }
 
-void ash_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k,
+void ash_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, const ShapeArgs& args,
                        Variant variant, const SampleLayout& layout) {
+  TORCH_CHECK(args.k_per_sample == nullptr && variant != Variant::ScaleUnpruned,
+              "ash_ext: not implemented yet on CUDA");
+  const int64_t k = args.k;
   TORCH_INTERNAL_ASSERT(x.is_cuda() && grad.device() == x.device() && grad_x.device() == x.device());
   TORCH_INTERNAL_ASSERT(grad.strides() == x.strides() && grad_x.strides() == x.strides());
   const c10::cuda::CUDAGuard device_guard(x.device());
@@ -42,6 +48,13 @@ void ash_backward_cuda(const at::Tensor& grad, const at::Tensor& x, const at::Te
   });
 }
 
-TORCH_LIBRARY_IMPL(ash_ext, CUDA, m) { BackendOps<&ash_forward_cuda, &ash_backward_cuda>::register_impls(m); }
+void ash_stats_cuda(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& layout,
+                    const at::Tensor& threshold, const at::Tensor& total, const at::Tensor& kept) {
+  TORCH_CHECK(false, "ash_ext: topk_stats is not implemented yet on CUDA");
+}
+
+TORCH_LIBRARY_IMPL(ash_ext, CUDA, m) {
+  BackendOps<&ash_forward_cuda, &ash_backward_cuda, &ash_stats_cuda>::register_impls(m);
+}
 
 }  // namespace ash_ext

@@ -75,8 +75,11 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-void forward_emulated(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant,
+void forward_emulated(const at::Tensor& x, const at::Tensor& out, const ShapeArgs& args, Variant variant,
                       const SampleLayout& layout) {
+  TORCH_CHECK(args.k_per_sample == nullptr && !args.clamped && variant != Variant::ScaleUnpruned,
+              "ash_ext: not implemented yet on CUDA");
+  const int64_t k = args.k;
   if (k == 0) {
     out.zero_();
     return;
@@ -89,8 +92,11 @@ void forward_emulated(const at::Tensor& x, const at::Tensor& out, int64_t k, Var
   });
 }
 
-void backward_emulated(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k,
+void backward_emulated(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, const ShapeArgs& args,
                        Variant variant, const SampleLayout& layout) {
+  TORCH_CHECK(args.k_per_sample == nullptr && variant != Variant::ScaleUnpruned,
+              "ash_ext: not implemented yet on CUDA");
+  const int64_t k = args.k;
   if (k == 0) {
     grad_x.zero_();
     return;
@@ -121,9 +127,16 @@ std::vector<std::string> take_launch_log() {
   return log;
 }
 
+void stats_emulated(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& layout,
+                    const at::Tensor& threshold, const at::Tensor& total, const at::Tensor& kept) {
+  TORCH_CHECK(false, "ash_ext: topk_stats is not implemented yet on CUDA");
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ash_ext, CPU, m) { BackendOps<&forward_emulated, &backward_emulated>::register_impls(m); }
+TORCH_LIBRARY_IMPL(ash_ext, CPU, m) {
+  BackendOps<&forward_emulated, &backward_emulated, &stats_emulated>::register_impls(m);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_device_limits", &set_device_limits, "Emulated SM count and per-block shared memory limit");
