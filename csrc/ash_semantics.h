@@ -177,6 +177,24 @@ C10_HOST_DEVICE inline scalar_t value_of_key(key_type<scalar_t> key) {
   return T::from_bits(b);
 }
 
+// A clamp bound (given as a double) in the input's dtype, rounded as torch.clamp rounds a Python
+// number for that dtype: to float first, then to the 16-bit type. Clamping to the rounded bound
+// gives exactly torch's result (rounding is monotone and every input is representable).
+template <typename scalar_t>
+C10_HOST_DEVICE inline scalar_t clamp_bound(double bound) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return bound;
+  } else {
+    return static_cast<scalar_t>(static_cast<float>(bound));
+  }
+}
+
+// v clamped to [low, high] as torch.clamp does it: NaN stays NaN (both comparisons are false).
+template <typename scalar_t>
+C10_HOST_DEVICE inline scalar_t clamp_value(scalar_t v, scalar_t low, scalar_t high) {
+  return v < low ? low : (high < v ? high : v);
+}
+
 // ASH-S's and SCALE's factor exp(s1 / s2) in the accumulation type. A kept sum of zero (every
 // kept value zero, none kept, or kept values cancelling) makes the reference's factor exp(s1 / 0):
 // 0 where s1 < 0, which is kept (the reference's output is then all zeros, and finite); inf or
