@@ -1,6 +1,7 @@
 """ash_ext: fused ASH (Activation SHaping, ICLR 2023) for PyTorch, with C++ and CUDA kernels.
 
-Public API: :func:`ash_p`, :func:`ash_b`, :func:`ash_s`, :func:`shape`, the :class:`ASH` detector,
+Public API: :func:`ash_p`, :func:`ash_b`, :func:`ash_s`, :func:`scale` (SCALE), :func:`shape`,
+:func:`topk_stats`, :func:`lts_factor` (LTS), :func:`react_threshold` (ReAct's fit), the detectors,
 and :func:`implementation_for` / :func:`compiled_with_cuda` / :func:`cpu_simd_enabled` to see which
 implementation runs.
 """
@@ -19,7 +20,8 @@ from ._ops import (
 from ._semantics import kept_count
 from .detector import ASH, LTS, SCALE, ReAct, energy_score
 from .detector_base import ModelNotSetException, RequiresFittingException
-from .functional import ash_b, ash_p, ash_s, shape
+from .functional import TopkStats, ash_b, ash_p, ash_s, lts_factor, scale, shape, topk_stats
+from .percentile import react_threshold
 from .shaping import shaping
 
 __version__ = "0.1.0"
@@ -45,6 +47,11 @@ __all__ = [
     "fallback_forced",
     "implementation_for",
     "kept_count",
+    "lts_factor",
+    "react_threshold",
+    "scale",
     "set_cpu_simd",
     "shape",
+    "topk_stats",
+    "TopkStats",
 ]

@@ -86,26 +86,51 @@ def implementation_for(x: Tensor) -> str:
 if _C is not None:
 
     @torch.library.register_fake("ash_ext::ash")
-    def _ash_fake(x: Tensor, k: int, variant: int) -> Tensor:
+    def _ash_fake(x, k, variant, k_per_sample=None, clamp_min=None, clamp_max=None) -> Tensor:
         return torch.empty_like(x)
 
     @torch.library.register_fake("ash_ext::ash_")
-    def _ash_inplace_fake(x: Tensor, k: int, variant: int) -> None:
+    def _ash_inplace_fake(x, k, variant, k_per_sample=None, clamp_min=None, clamp_max=None) -> None:
         return None
 
     @torch.library.register_fake("ash_ext::ash_backward")
-    def _ash_backward_fake(grad: Tensor, x: Tensor, k: int, variant: int) -> Tensor:
+    def _ash_backward_fake(grad, x, k, variant, k_per_sample=None) -> Tensor:
         return torch.empty_like(x)
 
+    @torch.library.register_fake("ash_ext::topk_stats")
+    def _topk_stats_fake(x, k, k_per_sample=None, clamp_min=None, clamp_max=None):
+        batch = x.shape[0]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (
+            x.new_empty((batch,)),
+            x.new_empty((batch,), dtype=acc),
+            x.new_empty((batch,), dtype=acc),
+        )
+
     def _setup_context(ctx, inputs, output) -> None:
-        x, k, variant = inputs
-        # Only x is saved (it exists anyway); the backward recomputes the selection from it.
-        ctx.save_for_backward(x)
+        x, k, variant, k_per_sample, clamp_min, clamp_max = inputs
+        # Only x (and the per-sample ks) are saved; the backward recomputes the selection from x.
+        ctx.save_for_backward(x, k_per_sample)
         ctx.k = k
         ctx.variant = variant
+        ctx.clamp = (clamp_min, clamp_max)
 
     def _backward(ctx, grad: Tensor):
-        (x,) = ctx.saved_tensors
-        return torch.ops.ash_ext.ash_backward(grad, x, ctx.k, ctx.variant), None, None
+        x, k_per_sample = ctx.saved_tensors
+        clamp_min, clamp_max = ctx.clamp
+        if clamp_min is None and clamp_max is None:
+            grad_x = torch.ops.ash_ext.ash_backward(grad, x, ctx.k, ctx.variant, k_per_sample)
+        else:
+            # shape(clamp(x)): the kernel's gradient at the clamped x, then clamp's own gradient
+            # (1 where clamp_min <= x <= clamp_max, as torch.clamp's backward).
+            inside = torch.ones_like(x, dtype=torch.bool)
+            if clamp_min is not None:
+                inside &= x >= clamp_min
+            if clamp_max is not None:
+                inside &= x <= clamp_max
+            x_clamped = x.clamp(clamp_min, clamp_max)
+            grad_x = torch.ops.ash_ext.ash_backward(grad, x_clamped, ctx.k, ctx.variant, k_per_sample)
+            grad_x = torch.where(inside, grad_x, torch.zeros((), dtype=grad_x.dtype, device=grad_x.device))
+        return grad_x, None, None, None, None, None
 
     torch.library.register_autograd("ash_ext::ash", _backward, setup_context=_setup_context)

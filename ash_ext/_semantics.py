@@ -1,5 +1,6 @@
-"""The one place that holds ASH's semantics for every backend: how many values are kept, which
-inputs are accepted, and the variants' names.
+"""The one place that holds the shaping family's semantics for every backend: how many values are
+kept (from a float, a 0-d or a per-sample percentile tensor), which inputs and clip values are
+accepted, and the variants' names.
 
 The tie rule and the edge cases the kernels implement are written down in ``csrc/ash_semantics.h``
 (shared by the C++ and CUDA kernels) and mirrored by :mod:`ash_ext.fallback`; the README states
@@ -10,11 +11,16 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional, Union
 
 import torch
 
-#: Variant names, as pytorch-ood spells them, and the codes the compiled op takes.
-VARIANT_CODES: dict[str, int] = {"ash-p": 0, "ash-b": 1, "ash-s": 2}
+#: Variant names, as pytorch-ood spells them, and the codes the compiled op takes ("scale" is
+#: SCALE: ASH-S's factor on every value, nothing pruned).
+VARIANT_CODES: dict[str, int] = {"ash-p": 0, "ash-b": 1, "ash-s": 2, "scale": 3}
+
+#: What a percentile may be: a number, a 0-d tensor, or a ``[B]`` tensor (one per sample).
+Percentile = Union[float, torch.Tensor]
 
 #: Floating dtypes every backend supports.
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -80,3 +86,81 @@ def check_inplace_allowed(x: torch.Tensor) -> None:
             "ASH with inplace=True is not differentiable and x requires grad; use inplace=False "
             "or run under torch.no_grad()"
         )
+
+
+def check_clip(clip: object) -> Optional[float]:
+    """Return ``clip`` (ReAct's upper bound) as a float, or None; NaN and non-numbers raise."""
+    if clip is None:
+        return None
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real):
+        raise TypeError(f"clip must be a real number or None, got {clip!r} of type {type(clip).__name__}")
+    value = float(clip)
+    if math.isnan(value):
+        raise ValueError(f"clip must not be NaN, got {clip!r}")
+    return value
+
+
+#: Per-sample ks: an int (every sample) or an int64 ``[B]`` tensor on x's device.
+KeptCounts = Union[int, torch.Tensor]
+
+
+def _percentile_tensor_k(x: torch.Tensor, n: int, percentile: torch.Tensor, name: str) -> KeptCounts:
+    """k from a percentile tensor: ``n - round(n * p)`` in p's own precision (float32 at least).
+
+    The product is taken in the tensor's dtype, as the reference's ``n * percentile`` is for a
+    tensor (16-bit tensors are widened to float32, where their product could overflow), and
+    rounded half to even (``torch.round``, as ``np.round``).
+    """
+    if not percentile.is_floating_point():
+        raise TypeError(
+            f"{name} must be a float or a floating tensor of fractions, got a tensor of dtype {percentile.dtype}"
+        )
+    batch = x.shape[0]
+    if percentile.dim() == 0 and (percentile.device.type == "cpu" or percentile.device != x.device):
+        # A 0-d CPU tensor: one k for every sample, found on the host (no synchronisation).
+        if percentile.device.type != "cpu":
+            raise ValueError(f"{name} is a 0-d tensor on {percentile.device} but x is on {x.device}")
+        value = float(percentile)
+        _check_fraction(name, value)
+        work = percentile.detach().to(torch.float64 if percentile.dtype == torch.float64 else torch.float32)
+        return n - int(torch.round(work * n))
+    if percentile.dim() not in (0, 1) or (percentile.dim() == 1 and percentile.shape[0] != batch):
+        raise ValueError(
+            f"{name} must be a number, a 0-d tensor or a [B] tensor with one fraction per sample "
+            f"(B = {batch}), got a tensor of shape {tuple(percentile.shape)}"
+        )
+    if percentile.device != x.device:
+        raise ValueError(f"a per-sample {name} must be on x's device ({x.device}), got one on {percentile.device}")
+    work = percentile.detach().to(torch.float64 if percentile.dtype == torch.float64 else torch.float32)
+    work = work.expand(batch)
+    valid = (work >= 0) & (work <= 1)  # NaN fails both
+    if work.device.type == "cpu":
+        if not bool(valid.all()):
+            bad = int((~valid).nonzero()[0, 0])
+            raise ValueError(
+                f"every {name} must be a fraction in [0, 1], got {float(work[bad])!r} for sample {bad}"
+            )
+        return n - torch.round(work * n).to(torch.int64)
+    # On an accelerator the values are not checked here (that would wait for the device): an
+    # invalid fraction gives k = -1, and the kernels fill that sample with NaN.
+    ks = n - torch.round(torch.where(valid, work, 0.0) * n).to(torch.int64)
+    return torch.where(valid, ks, -1)
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return value
+
+
+def resolve_kept_counts(x: torch.Tensor, percentile: object) -> KeptCounts:
+    """k for every sample of ``x`` from ``percentile`` (the fraction pruned).
+
+    A number gives one int k (:func:`kept_count`); a 0-d CPU tensor too; a ``[B]`` tensor (or a 0-d
+    tensor on x's accelerator) gives an int64 ``[B]`` tensor on x's device, computed there without a
+    host synchronisation.
+    """
+    n = sample_size(x)
+    if isinstance(percentile, torch.Tensor):
+        return _percentile_tensor_k(x, n, percentile, "percentile")
+    return kept_count(n, check_percentile(percentile))

@@ -1,7 +1,9 @@
-"""The public ASH functions: argument checks, k, and the hand-off to the implementation that
+"""The public shaping functions: argument checks, k, and the hand-off to the implementation that
 serves the tensor (compiled CPU or CUDA kernel, or the pure-PyTorch fallback)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -10,59 +12,167 @@ from . import fallback
 from ._ops import FALLBACK, implementation_for
 from ._semantics import (
     VARIANT_CODES,
+    KeptCounts,
+    Percentile,
+    check_clip,
     check_inplace_allowed,
     check_input,
-    check_percentile,
     check_variant,
-    kept_count,
-    sample_size,
+    resolve_kept_counts,
 )
 
 
-def shape(x: Tensor, percentile: float = 0.65, variant: str = "ash-s", *, inplace: bool = False) -> Tensor:
-    """Apply the ASH ``variant`` (``"ash-p"``, ``"ash-b"`` or ``"ash-s"``) to ``x``.
+def _op_k(k: KeptCounts) -> tuple[int, Optional[Tensor]]:
+    """The compiled op's (k, k_per_sample) arguments for ``k``."""
+    return (0, k) if isinstance(k, Tensor) else (k, None)
 
-    ``x`` is ``[B, ...]``: each of the B samples keeps its ``k = n - round(n * percentile)``
-    largest values (n = values per sample); the rest become zero. Out of place unless
-    ``inplace=True``, which writes into ``x`` and returns it (not differentiable).
-    """
+
+def shape_with(
+    x: Tensor,
+    percentile: Percentile,
+    variant: str,
+    *,
+    inplace: bool = False,
+    clip: Optional[float] = None,
+    force_fallback: bool = False,
+) -> Tensor:
+    """:func:`shape`, optionally forced onto the pure-PyTorch fallback (for comparisons)."""
     check_input(x)
     check_variant(variant)
-    k = kept_count(sample_size(x), check_percentile(percentile))
-    use_fallback = implementation_for(x) == FALLBACK
+    clamp_max = check_clip(clip)
+    k = resolve_kept_counts(x, percentile)
+    use_fallback = force_fallback or implementation_for(x) == FALLBACK
     if inplace:
         check_inplace_allowed(x)
         if use_fallback:
-            return fallback.shape_(x, k, variant)
-        torch.ops.ash_ext.ash_(x, k, VARIANT_CODES[variant])
+            return fallback.shape_(x, k, variant, None, clamp_max)
+        op_k, ks = _op_k(k)
+        torch.ops.ash_ext.ash_(x, op_k, VARIANT_CODES[variant], ks, None, clamp_max)
         return x
     if use_fallback:
-        return fallback.shape(x, k, variant)
-    return torch.ops.ash_ext.ash(x, k, VARIANT_CODES[variant])
+        return fallback.shape(x, k, variant, None, clamp_max)
+    op_k, ks = _op_k(k)
+    return torch.ops.ash_ext.ash(x, op_k, VARIANT_CODES[variant], ks, None, clamp_max)
 
 
-def ash_p(x: Tensor, percentile: float = 0.65, *, inplace: bool = False) -> Tensor:
+def shape(
+    x: Tensor,
+    percentile: Percentile = 0.65,
+    variant: str = "ash-s",
+    *,
+    inplace: bool = False,
+    clip: Optional[float] = None,
+) -> Tensor:
+    """Apply the shaping ``variant`` (``"ash-p"``, ``"ash-b"``, ``"ash-s"`` or ``"scale"``) to ``x``.
+
+    ``x`` is ``[B, ...]``: each of the B samples keeps its ``k = n - round(n * percentile)``
+    largest values (n = values per sample); ASH zeroes the rest, SCALE only uses them for its
+    factor. ``percentile`` is a number, a 0-d tensor, or a ``[B]`` tensor of fractions on x's
+    device (one k per sample). ``clip`` (ReAct) clamps every value at ``clip`` first, in the same
+    pass: the result equals ``shape(x.clamp(max=clip), ...)``. Out of place unless
+    ``inplace=True``, which writes into ``x`` and returns it (not differentiable).
+    """
+    return shape_with(x, percentile, variant, inplace=inplace, clip=clip)
+
+
+def ash_p(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
     """ASH-P: keep each sample's ``k`` largest values as they are and zero the rest.
 
     :param x: activations ``[B, ...]`` (float16, bfloat16, float32 or float64, rank >= 2)
-    :param percentile: fraction of each sample's values that is pruned, in [0, 1]
+    :param percentile: fraction of each sample's values that is pruned, in [0, 1]: a number, a
+        0-d tensor or a ``[B]`` tensor (one per sample, on x's device)
     :param inplace: write the result into ``x`` and return ``x``
+    :param clip: ReAct's threshold: values are clamped at ``clip`` before selection and sums
     """
-    return shape(x, percentile, "ash-p", inplace=inplace)
+    return shape(x, percentile, "ash-p", inplace=inplace, clip=clip)
 
 
-def ash_b(x: Tensor, percentile: float = 0.65, *, inplace: bool = False) -> Tensor:
+def ash_b(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
     """ASH-B: set each sample's ``k`` largest values to ``s1 / k`` (s1: the sample's sum), zero the rest.
 
     Arguments as for :func:`ash_p`.
     """
-    return shape(x, percentile, "ash-b", inplace=inplace)
+    return shape(x, percentile, "ash-b", inplace=inplace, clip=clip)
 
 
-def ash_s(x: Tensor, percentile: float = 0.65, *, inplace: bool = False) -> Tensor:
+def ash_s(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
     """ASH-S: scale each sample's ``k`` largest values by ``exp(s1 / s2)``, zero the rest.
 
-    s1 is the sample's sum, s2 the sum of the kept values; where s2 is 0 the factor is 1.
+    s1 is the sample's sum, s2 the sum of the kept values. Where s2 is 0 the reference's factor
+    exp(s1 / 0) is 0 for s1 < 0 (kept: the output is zeros) and inf or NaN otherwise (replaced by 1).
     Arguments as for :func:`ash_p`.
     """
-    return shape(x, percentile, "ash-s", inplace=inplace)
+    return shape(x, percentile, "ash-s", inplace=inplace, clip=clip)
+
+
+def scale(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
+    """SCALE (Xu et al., ICLR 2024): ``x * exp(s1 / s2)`` per sample, nothing pruned.
+
+    s1 is the sample's sum, s2 the sum of its ``k = n - round(n * percentile)`` largest values;
+    the zero-s2 rule is ASH-S's. Equal to ``pytorch_ood.detector.scale.scale`` where that is
+    finite. Arguments as for :func:`ash_p`.
+    """
+    return shape(x, percentile, "scale", inplace=inplace, clip=clip)
+
+
+class TopkStats(NamedTuple):
+    """Per-sample statistics of the k largest values, each a ``[B]`` tensor on x's device."""
+
+    #: the k-th largest value, in x's dtype (NaN where k == 0; -0.0 reads +0.0)
+    threshold: Tensor
+    #: s1, the sum of all values (float32, or float64 for float64 inputs)
+    total: Tensor
+    #: s2, the sum of the k largest values (same dtype as ``total``)
+    kept: Tensor
+    #: k, int64
+    k: Tensor
+
+
+def _stats(x: Tensor, k: KeptCounts, clamp_min: Optional[float], clamp_max: Optional[float]) -> TopkStats:
+    if implementation_for(x) == FALLBACK:
+        threshold, total, kept = fallback.topk_stats(x, k, clamp_min, clamp_max)
+    else:
+        op_k, ks = _op_k(k)
+        threshold, total, kept = torch.ops.ash_ext.topk_stats(x, op_k, ks, clamp_min, clamp_max)
+    counts = k if isinstance(k, Tensor) else torch.full((x.shape[0],), k, dtype=torch.int64, device=x.device)
+    return TopkStats(threshold, total, kept, counts)
+
+
+@torch.no_grad()
+def topk_stats(x: Tensor, percentile: Percentile = 0.65, *, clip: Optional[float] = None) -> TopkStats:
+    """The per-sample numbers the family is built on, in one pass over ``x``: see :class:`TopkStats`.
+
+    k, the tie rule, ``percentile`` and ``clip`` are as for :func:`shape`; the sums are the very
+    ones ASH-S uses (``ash_s``'s factor is ``exp(total / kept)``, with its zero-s2 rule). Not
+    differentiable (computed under ``no_grad``).
+    """
+    check_input(x)
+    return _stats(x, resolve_kept_counts(x, percentile), None, check_clip(clip))
+
+
+def _lts_kept_counts(z: Tensor, p: object) -> KeptCounts:
+    """LTS's ``k = max(1, n - round(n * (1 - p)))`` (pytorch-ood's), for a number or a tensor p."""
+    if isinstance(p, Tensor):
+        k = resolve_kept_counts(z, 1 - p) if p.is_floating_point() else resolve_kept_counts(z, p)
+        # An invalid fraction on an accelerator stays k = -1 (a NaN sample), not k = 1.
+        return torch.where(k >= 0, k.clamp(min=1), k) if isinstance(k, Tensor) else max(1, k)
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p must be a real number in [0, 1], got {p!r} of type {type(p).__name__}")
+    if not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"p must be a fraction in [0, 1] (the fraction of top activations used), got {p!r}")
+    return max(1, resolve_kept_counts(z, 1 - float(p)))
+
+
+@torch.no_grad()
+def lts_factor(z: Tensor, p: Percentile = 0.05) -> Tensor:
+    """LTS's per-sample logit scale ``(sum relu(z) / sum of the top-k of relu(z))**2``, ``[B]`` in z's dtype.
+
+    ``k = max(1, n - round(n * (1 - p)))`` as in pytorch-ood's ``LTS.scaling_factor``, which this
+    equals where that is finite; ``relu(z)`` is never materialised (values are clamped at 0 inside
+    the selection pass). A sample with no positive value (the reference's 0 / 0) gets the factor 1.
+    """
+    check_input(z)
+    stats = _stats(z, _lts_kept_counts(z, p), 0.0, None)
+    ratio = stats.total / torch.where(stats.kept == 0, torch.ones_like(stats.kept), stats.kept)
+    factor = torch.where(stats.kept == 0, torch.ones_like(ratio), ratio.square())
+    return factor.to(z.dtype)
