@@ -251,12 +251,15 @@ def test_zero_dim_tensor_percentile_like_pytorch_ood(force_fallback):
 
 
 def test_zero_dim_float32_percentile_rounds_in_float32():
-    # n * p is rounded in the tensor's precision, as in the reference's n * percentile.
-    n = 10
-    p = torch.tensor(0.45, dtype=torch.float32)  # 0.45f * 10 = 4.5000002 (rounds to 5); 0.45 * 10 = 4.5 (to 4)
-    x = torch.arange(n, dtype=torch.float64).unsqueeze(0)
-    assert ash_ext.topk_stats(x, p).k.item() == n - int(torch.round(n * p))
-    assert ash_ext.topk_stats(x, 0.45).k.item() == n - round(n * 0.45)
+    # n * p is rounded in the tensor's precision, as in the reference's n * percentile: for n = 100
+    # and p = 0.295, the float32 product is 29.5 (k = 71), the float64 one 29.499999... (k = 70).
+    x = torch.arange(100, dtype=torch.float64).reshape(1, 4, 5, 5)
+    p = torch.tensor(0.295, dtype=torch.float32)
+    assert ash_ext.topk_stats(x, p).k.item() == 71
+    assert ash_ext.topk_stats(x, 0.295).k.item() == 70
+    assert torch.equal(ash_ext.ash_p(x, p), pood_ash.ash_p(x, p))
+    assert torch.equal(ash_ext.ash_p(x, 0.295), pood_ash.ash_p(x, 0.295))
+    assert (ash_ext.ash_p(x, p) != 0).sum() == 71
 
 
 @needs_kernel
