@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn import Module
 
 from . import functional
+from . import percentile as quantiles
 from ._semantics import check_variant
 from .detector_base import (
     DetectorInfo,
@@ -408,7 +409,7 @@ class ReAct(_LayerDetector):
         if not chunks:
             raise ValueError("No ID samples")
         flat = torch.cat([chunk.reshape(-1) for chunk in chunks]) if len(chunks) > 1 else chunks[0].reshape(-1)
-        self._threshold = float(functional.react_threshold(flat, self._percentile))
+        self._threshold = float(quantiles.react_threshold(flat, self._percentile))
         self._is_fitted = True
 
     @torch.no_grad()

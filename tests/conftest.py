@@ -365,3 +365,9 @@ def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     fill = torch.zeros((), dtype=a.dtype)
     return bits_equal(torch.where(nan_a, fill, a), torch.where(nan_b, fill, b))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a test of several seconds (ViT, wide ResNet, torch.compile); deselect with -m 'not slow'"
+    )

@@ -420,6 +420,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_registration_in_fresh_interpreters(ood):
     """ash_ext imported before pytorch-ood (which it must not import) and after it: both register."""
     procs = {
