@@ -14,7 +14,6 @@ hooks rather than by splitting the architecture.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import numbers
 import weakref
@@ -78,6 +77,8 @@ def resolve_layer(model: Module, layer: str) -> Module:
         return model.get_submodule(layer)
     except AttributeError:
         pass
+    import difflib  # only for the error message
+
     names = [name for name, _ in model.named_modules() if name]
     closest = difflib.get_close_matches(layer, names, n=5, cutoff=0.0)
     listed = ", ".join(repr(name) for name in closest) if closest else "(it has no submodules)"
