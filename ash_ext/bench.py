@@ -372,6 +372,9 @@ class BenchConfig:
         at least twice this many bytes
     :param memory_budget_bytes: cap on the bytes of each rotation (``None``: 1/8 of the device's memory,
         at most 2 GiB); there are always at least 2 inputs
+    :param methods: ``"ash"`` (the ASH variants, :func:`run`'s cases) and/or the family's methods
+        (:data:`ash_ext.bench_family.METHODS`, run by :func:`ash_ext.bench_family.run`); ``None``:
+        ``["ash"]``. Without ``"ash"`` :meth:`cases` is empty.
     """
 
     device: str | None = None
@@ -393,17 +396,20 @@ class BenchConfig:
     cache_bytes: int | None = None
     memory_budget_bytes: int | None = None
     progress: bool = True
+    methods: list[str] | None = None
 
     def resolved_device(self) -> torch.device:
         """The device to run on."""
         return torch.device(self.device) if self.device else best_device()
 
     def cases(self) -> list[Case]:
-        """The cases this configuration runs."""
+        """The ASH cases this configuration runs (none when ``methods`` leaves out ``"ash"``)."""
+        if self.methods is not None and "ash" not in self.methods:
+            return []
         return suite(
             self.resolved_device(),
             quick=self.quick,
-            shapes=self.shapes,
+            shapes=[s for s in self.shapes if s in SHAPES] if self.shapes is not None else None,
             batches=self.batches,
             dtypes=self.dtypes,
             percentiles=self.percentiles,
@@ -1440,10 +1446,16 @@ def build_parser(prog: str = "ash-ext bench") -> argparse.ArgumentParser:
             f"  {prog} --quick\n"
             f"  {prog} --shapes resnet50-l4 wrn28-10 --batches 1 64 --dtypes float16 --variants ash-s\n"
             f"  {prog} --device cpu --threads 1 --impls reference ash_ext clone --markdown\n"
+            f"  {prog} --methods family --markdown --out family-out\n"
             "\nThe quick suite is float32, p=0.65, all variants, two batch sizes per shape. On a CPU the default\n"
             "suite stops the feature maps at smaller batches than on a GPU (1..256) to stay within minutes; pick\n"
             "any with --batches. Results: OUT/results.json (every sample, the machine and versions),\n"
-            "OUT/results.csv (one row per case) and OUT/speedup.png (needs matplotlib)."
+            "OUT/results.csv (one row per case) and OUT/speedup.png (needs matplotlib).\n"
+            "\n--methods family compares SCALE, ReAct+ASH (clip=), LTS, topk_stats, per-sample percentiles and\n"
+            "ReAct's fit with their references (pytorch-ood 0.4.0's functions, torch.topk, a torch.sort-based\n"
+            "per-sample ASH-S, np.percentile) on their own shapes; --quick, --batches, --dtypes, --percentiles and\n"
+            "--shapes apply to them too (LTS keeps p = 0.05, the fit 0.9). Alone they write OUT/results.json and\n"
+            "OUT/results.csv; with ash (--methods all) OUT/family-results.json and OUT/family-results.csv."
         ),
     )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -1461,6 +1473,13 @@ def build_parser(prog: str = "ash-ext bench") -> argparse.ArgumentParser:
     parser.add_argument("--percentiles", nargs="+", metavar="P", help="fractions pruned, in [0, 1] (default: 0.65 0.9)")
     parser.add_argument(
         "--impls", nargs="+", metavar="I", help=f"implementations to time: {', '.join(IMPLEMENTATIONS)}"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="M",
+        help="what to compare with its reference: ash (the ASH variants; the default), scale, react-ash, lts, "
+        "topk-stats, per-sample, react-fit; family (all but ash) or all",
     )
     parser.add_argument("--quick", action="store_true", help="the short suite (under a minute on a 2-core CPU)")
     parser.add_argument(
@@ -1508,13 +1527,26 @@ def _parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     else:
         device = best_device()
 
+    from . import bench_family
+
+    methods = None
+    if args.methods is not None:
+        try:
+            methods = bench_family.expand_methods(_split(args.methods) or [])
+        except ValueError as error:
+            parser.error(str(error))
+        if not methods:
+            parser.error("--methods: no method given")
+    known_shapes = list(SHAPES)
+    if methods is not None and any(m != "ash" for m in methods):
+        known_shapes += [s for s in bench_family.SHAPES if s not in SHAPES]
     shapes = _split(args.shapes)
     if shapes is not None:
         if shapes == ["all"]:
-            shapes = list(SHAPES)
-        unknown = [s for s in shapes if s not in SHAPES]
+            shapes = list(known_shapes)
+        unknown = [s for s in shapes if s not in known_shapes]
         if unknown:
-            parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+            parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(known_shapes)}")
     batches = None
     if args.batches is not None:
         batches = []
@@ -1585,16 +1617,20 @@ def _parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         max_reps=args.max_reps,
         cache_bytes=int(args.cache_mb * 2**20) if args.cache_mb else None,
         progress=not args.no_progress,
+        methods=methods,
     )
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "ash-ext bench") -> int:
     """Run ``bench`` with command-line arguments ``argv``; returns the exit status."""
+    from . import bench_family
+
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     config = _parse_config(parser, args)
     cases = config.cases()
-    if not cases:
+    family_cases = bench_family.family_cases(config) if config.methods is not None else []
+    if not cases and not family_cases:
         parser.error("the selection is empty")
     if not args.no_files:
         try:
@@ -1602,22 +1638,39 @@ def main(argv: Sequence[str] | None = None, prog: str = "ash-ext bench") -> int:
         except OSError as error:
             parser.error(f"--out {args.out}: {error}")
     device = config.resolved_device()
-    print(
-        f"ash_ext bench: {len(cases)} cases on {device}"
-        + (
-            f" ({torch.cuda.get_device_name(device)})"
-            if device.type == "cuda"
-            else f" ({_cpu_model()}, {torch.get_num_threads() if not config.threads else config.threads} threads)"
-        ),
-        file=sys.stderr,
+    where = (
+        f" ({torch.cuda.get_device_name(device)})"
+        if device.type == "cuda"
+        else f" ({_cpu_model()}, {torch.get_num_threads() if not config.threads else config.threads} threads)"
     )
+    argv_list = list(argv) if argv is not None else sys.argv[1:]
+    interrupted = False
+    if cases:
+        interrupted = _main_ash(args, config, cases, device, where, argv_list)
+    if family_cases and not interrupted:
+        if cases:
+            print()
+        interrupted = _main_family(args, config, family_cases, device, where, argv_list, prefix="family-" * bool(cases))
+    return 130 if interrupted else 0
+
+
+def _main_ash(
+    args: argparse.Namespace,
+    config: BenchConfig,
+    cases: list[Case],
+    device: torch.device,
+    where: str,
+    argv: list[str],
+) -> bool:
+    """The ASH part of :func:`main`: run, print, write; returns whether it was interrupted."""
+    print(f"ash_ext bench: {len(cases)} cases on {device}" + where, file=sys.stderr)
     if pytorch_ood_version() is None and "pytorch-ood" in config.impls:
         print(
             "ash_ext bench: pytorch-ood is not importable; its column stays empty (pip install pytorch-ood)",
             file=sys.stderr,
         )
     data = run(config)
-    data["meta"]["argv"] = list(argv) if argv is not None else sys.argv[1:]
+    data["meta"]["argv"] = argv
     print(format_table(data["results"], markdown=args.markdown))
     print()
     for line in summary_lines(data):
@@ -1637,7 +1690,40 @@ def main(argv: Sequence[str] | None = None, prog: str = "ash-ext bench") -> int:
             else:
                 print("matplotlib is not installed: skipping the plot (pip install matplotlib, or ash_ext[plot])")
         print("wrote " + ", ".join(written))
-    return 130 if data["meta"]["interrupted"] else 0
+    return bool(data["meta"]["interrupted"])
+
+
+def _main_family(
+    args: argparse.Namespace,
+    config: BenchConfig,
+    cases: list[Any],
+    device: torch.device,
+    where: str,
+    argv: list[str],
+    prefix: str,
+) -> bool:
+    """The family part of :func:`main` (:mod:`ash_ext.bench_family`): run, print, write ``{prefix}results.*``."""
+    from . import bench_family
+
+    print(f"ash_ext bench: {len(cases)} family cases on {device}" + where, file=sys.stderr)
+    if pytorch_ood_version() is None:
+        print(
+            "ash_ext bench: pytorch-ood is not importable; its algorithms, copied in torch, stand in as references",
+            file=sys.stderr,
+        )
+    data = bench_family.run(config)
+    data["meta"]["argv"] = argv
+    print(bench_family.format_table(data["results"], markdown=args.markdown))
+    print()
+    for line in bench_family.summary_lines(data):
+        print(line)
+    if not args.no_files:
+        json_path = os.path.join(args.out, f"{prefix}results.json")
+        csv_path = os.path.join(args.out, f"{prefix}results.csv")
+        write_json(data, json_path)
+        bench_family.write_csv(data, csv_path)
+        print("wrote " + ", ".join([json_path, csv_path]))
+    return bool(data["meta"]["interrupted"])
 
 
 def importlib_available(name: str) -> bool:
