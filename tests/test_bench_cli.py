@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ash_ext
-from ash_ext import bench
+from ash_ext import bench, bench_family
 from ash_ext.__main__ import main
 
 TINY = [
@@ -186,3 +186,185 @@ def test_deviation_names_a_reference_that_gives_nan() -> None:
     assert dev["reference_nonfinite"] and not dev["ash_ext_nonfinite"]
     row = {"case": case.id, "dtype": case.dtype, **dev}
     assert bench._fmt_dev(row) == "ref inf/NaN" and not bench._dev_too_large(row)
+
+
+# --------------------------------------------------------------------------------------------
+# --methods: the family (ash_ext.bench_family)
+# --------------------------------------------------------------------------------------------
+
+FAMILY_TINY = [
+    "--device",
+    "cpu",
+    "--shapes",
+    "resnet50-pooled",
+    "--batches",
+    "2",
+    "--percentiles",
+    "0.65",
+    "--quick",
+    "--no-progress",
+    "--min-time",
+    "0.002",
+]
+
+
+def test_family_tiny_run_writes_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--methods", "family", *FAMILY_TINY, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for column in bench_family.TABLE_COLUMNS:
+        assert column in out
+    assert "speed-up of ash_ext over the reference" in out
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["meta"]["suite"] == "family" and data["meta"]["interrupted"] is False
+    assert data["meta"]["machine"]["ash_ext"] == ash_ext.__version__
+    rows = data["results"]
+    assert [r["method"] for r in rows] == list(bench_family.METHODS)
+    for row in rows:
+        assert row["ok"], row
+        assert row["mismatch"] == 0
+        timed = set(row["timings"])
+        assert {"reference", "ash_ext", "roofline"} <= timed
+        assert ("fallback" in timed) == (row["method"] != "react-fit")
+        assert ("ash_ext_scalar_p" in timed) == (row["method"] == "per-sample")
+        for summary in row["timings"].values():
+            assert summary["reps"] >= 3 and len(summary["samples_ms"]) == summary["reps"]
+        ref, ext = row["timings"]["reference"]["median_ms"], row["timings"]["ash_ext"]["median_ms"]
+        assert math.isclose(row["speedup_vs_reference"], ref / ext)
+        assert row["max_rel_dev"] <= bench.deviation_tolerance("float32")
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["lts"]["percentile"] == 0.05 and by_method["react-fit"]["percentile"] == 0.9
+    assert by_method["react-ash"]["clip"] == pytest.approx(bench_family.clip_value("abs"))
+    assert by_method["per-sample"]["k_min"] < by_method["per-sample"]["k_max"]
+    assert by_method["react-fit"]["ash_ext_value"] == by_method["react-fit"]["reference_value"]
+    assert not (tmp_path / "speedup.png").exists()
+
+    with open(tmp_path / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["case"] for r in table] == [r["case"] for r in rows]
+    assert float(table[0]["ash_ext_median_ms"]) == pytest.approx(rows[0]["timings"]["ash_ext"]["median_ms"])
+
+
+def test_methods_all_writes_the_ash_and_the_family_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [*FAMILY_TINY, "--variants", "ash-s", "--no-plot", "--out", str(tmp_path)]
+    assert main(["bench", "--methods", "all", *args]) == 0
+    out = capsys.readouterr().out
+    assert "ash-s" in out and "pytorch-ood scale" in out
+    ash_rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["case"] for r in ash_rows] == ["resnet50-pooled-B2-float32-p0.65-ash-s"]
+    family = json.loads((tmp_path / "family-results.json").read_text())
+    assert {r["method"] for r in family["results"]} == set(bench_family.METHODS)
+    assert (tmp_path / "family-results.csv").exists()
+
+
+def test_methods_select_and_expand() -> None:
+    assert bench_family.expand_methods(["ash"]) == ["ash"]
+    assert bench_family.expand_methods(["family"]) == list(bench_family.METHODS)
+    assert bench_family.expand_methods(["all"]) == ["ash", *bench_family.METHODS]
+    assert bench_family.expand_methods(["LTS", "react_fit", "ash"]) == ["ash", "lts", "react-fit"]
+    with pytest.raises(ValueError, match="unknown method"):
+        bench_family.expand_methods(["odin"])
+    # ash alone keeps today's suite; the family alone has no ASH cases
+    assert bench.BenchConfig(device="cpu", quick=True, methods=["ash"]).cases() == bench.suite("cpu", quick=True)
+    assert bench.BenchConfig(device="cpu", methods=["lts"]).cases() == []
+    config = bench.BenchConfig(device="cpu", methods=["lts"], shapes=["resnet18-pooled"])
+    assert [c.id for c in bench_family.family_cases(config)] == ["lts-resnet18-pooled-B64-float32-p0.05"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "odin"], "unknown method"),
+        (["--methods", "family", "--shapes", "resnet34"], "unknown shape"),
+        (["--shapes", "resnet18-pooled"], "unknown shape"),  # ASH's shapes only without family methods
+    ],
+)
+def test_bad_family_options_exit_nonzero(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code != 0
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_family_suite_covers_the_issue() -> None:
+    cases = bench_family.suite("cpu")
+    assert {c.method for c in cases} == set(bench_family.METHODS)
+    assert len({c.id for c in cases}) == len(cases)
+    lts = {(c.batch, c.n, c.spec.data) for c in cases if c.method == "lts"}
+    assert {(256, 2048, "abs"), (64, 512, "abs"), (512, 768, "normal")} <= lts  # ViT-like: signed values
+    fits = sorted(c.numel for c in cases if c.method == "react-fit")
+    assert fits[0] >= 10_000_000 and fits[-1] >= 50_000_000
+    assert {c.percentile for c in cases if c.method == "scale"} == {0.65, 0.9}
+    quick = bench_family.suite("cpu", quick=True)
+    assert {c.method for c in quick} == set(bench_family.METHODS) and len(quick) < len(cases)
+    assert {c.dtype for c in cases} == {"float32"}
+    half = bench_family.suite("cpu", methods=["react-fit", "scale"], quick=True, dtypes=["bfloat16"])
+    assert {c.method for c in half} == {"scale"}  # numpy has no bfloat16: the fit stays float32/float64
+
+
+def _wrong(case: bench_family.FamilyCase) -> object:
+    """A plausible but wrong ash_ext result for ``case``: a nearby percentile, or the clip left out."""
+    p = case.percentile
+    return {
+        "scale": lambda x: ash_ext.scale(x, p - 0.05),
+        "react-ash": lambda x: ash_ext.ash_s(x, p),
+        "lts": lambda x: ash_ext.lts_factor(x, p * 2),
+        "topk-stats": lambda x: ash_ext.topk_stats(x, p - 0.05),
+        "per-sample": lambda x: ash_ext.ash_s(x, p),
+        "react-fit": lambda x: ash_ext.react_threshold(x, p - 0.01),
+    }[case.method]
+
+
+@pytest.mark.parametrize("method", bench_family.METHODS)
+def test_family_deviation_check_catches_a_wrong_result(method: str) -> None:
+    shape, batch = ("vit-b16-cls", 8) if method != "react-fit" else ("resnet50-pooled", 4)
+    p = bench_family.FIXED_PERCENTILES.get(method, 0.65)
+    case = bench_family.FamilyCase(method, shape, batch, "float32", p)
+    good = bench_family.deviation(case, "cpu")
+    assert good["ok"] and good["mismatch"] == 0, good
+    bad = bench_family.deviation(case, "cpu", ash_ext_fn=_wrong(case))  # type: ignore[arg-type]
+    assert not bad["ok"], bad
+    row = {"case": case.id, "method": method, **bad}
+    assert bench_family._fmt_dev(row).endswith("FAIL")
+    data = {
+        "meta": {"machine": bench.machine_info("cpu")},
+        "results": [{**row, "timings": {}, "ash_ext_implementation": "x"}],
+    }
+    assert any("DEVIATES" in line for line in bench_family.summary_lines(data))
+
+
+def test_family_deviation_on_half_precision() -> None:
+    case = bench_family.FamilyCase("react-ash", "densenet100", 2, "bfloat16", 0.9)
+    dev = bench_family.deviation(case, "cpu")
+    assert dev["ok"] and dev["mismatch"] == 0, dev
+    assert "float32" in dev["deviation_baseline"]
+
+
+def test_per_sample_reference_equals_pytorch_ood_row_by_row() -> None:
+    pood_ash = pytest.importorskip("pytorch_ood.detector.ash")
+    case = bench_family.FamilyCase("per-sample", "wrn28-10", 3, "float64", 0.65)
+    x = bench_family.deviation_input(case, "cpu")
+    ps = bench_family.per_sample_percentiles(case, "cpu")
+    assert ps.tolist() == pytest.approx([0.55, 0.65, 0.75])
+    got = bench_family.per_sample_ash_s_reference(x, ps)
+    for i in range(case.batch):  # the test's own loop: pytorch-ood takes one percentile per call
+        torch.testing.assert_close(got[i : i + 1], pood_ash.ash_s(x[i : i + 1], float(ps[i])), rtol=1e-12, atol=0)
+
+
+def test_torch_copies_of_the_references_equal_pytorch_ood(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pytorch_ood.detector.scale")
+    real = bench_family.reference_functions()
+    monkeypatch.setattr(bench, "pytorch_ood_version", lambda: None)
+    copies = bench_family.reference_functions()
+    assert copies["scale"] is not real["scale"]
+    x = torch.randn(4, 8, 3, 3, dtype=torch.float64).abs()
+    z = torch.randn(4, 64, dtype=torch.float64)
+    torch.testing.assert_close(copies["scale"](x, 0.65), real["scale"](x, 0.65), rtol=1e-12, atol=0)
+    torch.testing.assert_close(copies["ash_s"](x, 0.65), real["ash_s"](x, 0.65), rtol=1e-12, atol=0)
+    torch.testing.assert_close(copies["lts"](z, 0.05), real["lts"](z, 0.05), rtol=1e-12, atol=0)
+    stats = bench_family.topk_stats_reference(x, 10)
+    flat = x.reshape(4, -1)
+    assert torch.equal(stats[0], flat.sort(dim=1, descending=True).values[:, 9])
