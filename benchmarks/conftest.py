@@ -1,8 +1,8 @@
 """Options of the pytest-benchmark suite in this folder.
 
 ``--ash-all`` (or ``ASH_EXT_BENCH_ALL=1``) runs every case of ``ash-ext bench``'s default suite
-instead of the short subset; ``--ash-device`` (or ``ASH_EXT_BENCH_DEVICE``) picks the device
-(default: cuda if available, else cpu).
+(and of ``--methods family``'s) instead of the short subset; ``--ash-device`` (or
+``ASH_EXT_BENCH_DEVICE``) picks the device (default: cuda if available, else cpu).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from ash_ext import bench
+from ash_ext import bench, bench_family
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,12 +38,23 @@ def bench_device(config: pytest.Config) -> torch.device:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Parametrize ``ash_case`` x ``impl_name`` over the shared case list and the implementations."""
+    """Parametrize ``ash_case`` x ``impl_name`` over the shared case list and the implementations, and
+    ``family_case`` x ``family_impl`` over :mod:`ash_ext.bench_family`'s."""
+    config = metafunc.config
+    all_cases = bool(config.getoption("--ash-all", default=False)) or _flag("ASH_EXT_BENCH_ALL")
+    if "family_case" in metafunc.fixturenames:
+        cases = bench_family.pytest_cases(bench_device(config), all_cases=all_cases)
+        params = [
+            pytest.param(case, impl, id=f"{case.id}-{impl}")
+            for case in cases
+            for impl in bench_family.IMPLEMENTATIONS
+            if impl != "ash_ext_scalar_p" or case.method == "per-sample"
+            if impl != "fallback" or case.method != "react-fit"
+        ]
+        metafunc.parametrize(("family_case", "family_impl"), params)
     if "ash_case" not in metafunc.fixturenames:
         return
-    config = metafunc.config
     device = bench_device(config)
-    all_cases = bool(config.getoption("--ash-all", default=False)) or _flag("ASH_EXT_BENCH_ALL")
     cases = bench.pytest_cases(device, all_cases=all_cases)
     params = [pytest.param(case, impl, id=f"{case.id}-{impl}") for case in cases for impl in bench.IMPLEMENTATIONS]
     metafunc.parametrize(("ash_case", "impl_name"), params)

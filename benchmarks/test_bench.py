@@ -3,6 +3,7 @@
     pytest benchmarks/ --benchmark-only                       # a short subset (one case per shape)
     pytest benchmarks/ --benchmark-only --ash-all             # the whole default suite (or ASH_EXT_BENCH_ALL=1)
     pytest benchmarks/ --benchmark-only --benchmark-autosave  # then later: --benchmark-compare
+    pytest benchmarks/ --benchmark-only -k family             # the family (ash-ext bench --methods family)
 
 The cases come from :func:`ash_ext.bench.pytest_cases` (the same list as the command), each run
 for every implementation of :data:`ash_ext.bench.IMPLEMENTATIONS`; benchmarks are grouped by case
@@ -10,6 +11,9 @@ so that pytest-benchmark's table compares the implementations side by side. Inpu
 more bytes than the last-level cache, as in the command; the in-place reference gets a fresh input
 each round from the untimed setup. On a GPU each timed call ends with a synchronize. The
 ``ash_ext`` benchmark also checks its deviation from the reference and fails if it is too large.
+``test_family`` does the same for :mod:`ash_ext.bench_family`'s cases (``--quick``'s unless
+``--ash-all``): SCALE, ReAct+ASH, LTS, topk_stats, per-sample percentiles and ReAct's fit, each
+against its reference.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 import pytest
 import torch
 
-from ash_ext import bench
+from ash_ext import bench, bench_family
 
 pytest.importorskip("pytest_benchmark")
 
@@ -78,3 +82,58 @@ def test_ash(benchmark, ash_case: bench.Case, impl_name: str, ash_device: torch.
         benchmark.extra_info.update(max_rel_dev=dev["max_rel_dev"], mask_mismatch=dev["mask_mismatch"])
         assert dev["mask_mismatch"] == 0, f"ash_ext keeps other positions than the reference: {dev}"
         assert dev["max_rel_dev"] <= bench.deviation_tolerance(ash_case.dtype), dev
+
+
+_family_rotations: dict[str, bench.Rotation] = {}
+
+
+def _family_rotation(case: bench_family.FamilyCase, device: torch.device) -> bench.Rotation:
+    key = f"{case.shape}-{case.batch}-{case.dtype}@{device}"
+    if key not in _family_rotations:
+        _family_rotations.clear()
+        copies = bench._rotation_copies(
+            case.nbytes, bench.last_level_cache_bytes(device), bench._default_budget(device)
+        )
+        g = torch.Generator(device=device)
+        g.manual_seed(bench._seed_for(0, "timing", case.shape, case.batch))
+        buffer = bench._draw(case.spec.data, case.numel * copies, g, device).to(bench.DTYPES[case.dtype])
+        _family_rotations[key] = bench.Rotation(buffer, case.size, copies)
+    return _family_rotations[key]
+
+
+def test_family(benchmark, family_case: bench_family.FamilyCase, family_impl: str, ash_device: torch.device) -> None:
+    """Time one implementation on one family case (the reference is the method's, see bench_family)."""
+    impl = bench_family.implementations(family_case, ash_device, [family_impl])[family_impl]
+    rotation = _family_rotation(family_case, ash_device)
+    fn = impl.fn
+    cuda = ash_device.type == "cuda"
+
+    def target(x: torch.Tensor) -> None:
+        fn(x)
+        if cuda:
+            torch.cuda.synchronize(ash_device)
+
+    with torch.no_grad():
+        target(rotation.take())  # warm-up
+        start = time.perf_counter()
+        target(rotation.take())
+        estimate = time.perf_counter() - start
+        floor = 3 if estimate > 0.01 else 5
+        rounds = max(floor, min(MAX_ROUNDS, math.ceil(MIN_TIME / max(estimate, 1e-9))))
+        benchmark.group = family_case.id
+        benchmark.extra_info.update(
+            case=family_case.id,
+            method=family_case.method,
+            implementation=family_impl,
+            reference=bench_family.REFERENCES[family_case.method],
+            device=str(ash_device),
+            bytes=family_case.nbytes,
+            rotation_inputs=len(rotation),
+        )
+        benchmark.pedantic(target, setup=lambda: ((rotation.take(),), {}), rounds=rounds, warmup_rounds=1)
+
+    if family_impl == "ash_ext":
+        x = rotation.inputs[0] if family_case.method == "react-fit" else None
+        dev = bench_family.deviation(family_case, ash_device, x=x)
+        benchmark.extra_info.update(max_rel_dev=dev["max_rel_dev"], mismatch=dev["mismatch"])
+        assert dev["ok"], f"ash_ext deviates from the reference: {dev}"
