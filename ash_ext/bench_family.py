@@ -35,7 +35,7 @@ it when it exceeds :func:`ash_ext.bench.deviation_tolerance`, so that a fast wro
 ReAct's clip value in the timed ``react-ash`` cases is the 0.9-quantile of the data's distribution
 (the ReAct paper's percentile). LTS runs at its default ``p = 0.05`` and ReAct's fit at 0.9;
 ``--percentiles`` sets the others' ASH percentile (per-sample: ``[B]`` fractions spread evenly over
-``p - 0.1 .. p + 0.1``).
+``p - 0.05 .. p + 0.05``).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ FIXED_PERCENTILES: dict[str, float] = {"lts": 0.05, "react-fit": 0.9}
 CLIP_QUANTILE = 0.9
 
 #: Half width of the spread of the per-sample percentiles around the case's p.
-PER_SAMPLE_SPREAD = 0.1
+PER_SAMPLE_SPREAD = 0.05
 
 #: dtypes ``react-fit`` runs in (numpy has no bfloat16; react_threshold reads 16-bit input as float32).
 REACT_FIT_DTYPES: tuple[str, ...] = ("float32", "float64")
