@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 SUBCOMMANDS: dict[str, str] = {
-    "bench": "time ash_ext against the reference, pytorch-ood, the fallback and x.clone() (run 'bench --help')",
+    "bench": "time ash_ext against the reference, pytorch-ood, the fallback and x.clone(); --methods family: "
+    "SCALE, ReAct+ASH, LTS, topk_stats, per-sample percentiles, ReAct's fit (run 'bench --help')",
     "demo": "a 10-second demo: a tiny conv backbone + head through ash_ext.ASH, scores and one speed-up",
 }
 
