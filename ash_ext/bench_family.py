@@ -654,6 +654,9 @@ def run(config: bench.BenchConfig, methods: Sequence[str] = METHODS) -> dict[str
         meta["interrupted"] = True
     finally:
         progress.close()
+    # Timed grouped by input (one rotation per shape, batch and dtype); reported in the suite's order.
+    order = {case.id: i for i, case in enumerate(cases)}
+    results.sort(key=lambda row: order[row["case"]])
     meta["wall_s"] = time.perf_counter() - started
     meta["load_average_end"] = bench._load_average()
     meta["machine"]["torch_threads"] = torch.get_num_threads()
