@@ -625,3 +625,38 @@ def test_property_clamped_per_sample(batch, n, dtype, variant, low, high, seed, 
         assert same_values(out, expected_from_stats(clamped, ks, variant))
     threshold, _, _ = OPS.topk_stats(x, 0, ks_tensor(ks), low, high)
     assert same_values(threshold, ref_stats(clamped, ks)[0].to(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# The AVX-512 loops against the portable ones (CPUs with AVX-512F only)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ash_ext.cpu_simd_available(), reason="the CPU has no AVX-512F: only the portable loops exist")
+@pytest.mark.parametrize("n", [37, 2048, 16384 * 2 * 2 + 19])
+def test_family_simd_matches_portable(two_threads, n):
+    """Per-sample k, clamp, SCALE, topk_stats and the backward: bit for bit on both paths."""
+    x = clamp_input(torch.float32, seed=n, shape=(3, n))
+    ks = ks_tensor([n // 7, 0, n])
+    grad = normal((3, n), seed=n + 1)
+
+    def run_all():
+        results = []
+        for variant in ALL_VARIANTS:
+            results.append(OPS.ash(x, 0, variant, ks))
+            results.append(OPS.ash(x, 0, variant, ks, -0.5, 1.0))
+            results.append(OPS.ash(x[:1], n // 3, variant, None, -0.0, None))  # one sample: split
+            results.append(OPS.ash_backward(grad, torch_clamp(x, -0.5, 1.0), 0, variant, ks))
+        results.extend(OPS.topk_stats(x, 0, ks, -0.5, 1.0))
+        results.extend(OPS.topk_stats(x[:1], n // 3, None, None, 0.3))
+        return results
+
+    outputs = []
+    for simd in (True, False):
+        previous = ash_ext.set_cpu_simd(simd)
+        try:
+            outputs.append(run_all())
+        finally:
+            ash_ext.set_cpu_simd(previous)
+    for i, (a, b) in enumerate(zip(*outputs)):
+        assert same_values(a, b), i
