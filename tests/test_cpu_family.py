@@ -246,7 +246,17 @@ def test_per_sample_k_range_is_checked():
 # Clamp
 # --------------------------------------------------------------------------------------------
 
-CLAMPS = [(None, 1.0), (-0.5, None), (-0.5, 1.0), (0.0, None), (None, 0.0), (-0.0, 0.0), (0.3, 0.3)]
+CLAMPS = [
+    (None, 1.0),
+    (-0.5, None),
+    (-0.5, 1.0),
+    (0.0, None),
+    (None, 0.0),
+    (-0.0, 0.0),
+    (0.3, 0.3),
+    (-math.inf, math.inf),  # given, but clamping nothing
+    (-math.inf, 2.0),
+]
 
 
 def clamp_input(dtype: torch.dtype, seed: int = 0, shape=(6, 700)) -> torch.Tensor:
@@ -416,7 +426,7 @@ def test_stats_total_and_kept_are_ash_s_sums(dtype):
         assert same_values(out[b][mask[b]], fill.expand(k))
 
 
-def test_stats_empty_and_k_equal_n():
+def test_stats_k_equal_n():
     x = normal((4, 16))
     threshold, total, kept = OPS.topk_stats(x, 16)
     assert same_values(total, kept)  # everything kept: the same sums in the same order
@@ -525,6 +535,10 @@ def test_channels_last(dtype, variant):
     out = OPS.ash(xc, 0, variant, ks_tensor(ks), -2.0, 2.0)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert same_values(out.contiguous(), OPS.ash(x, 0, variant, ks_tensor(ks), -2.0, 2.0))
+    clamped = torch_clamp(x, -2.0, 2.0)
+    if variant == PRUNE:  # the tie rule in logical order, not memory order
+        expected = torch.where(ref_mask(clamped, ks).reshape(x.shape), clamped, torch.zeros((), dtype=dtype))
+        assert same_values(out.contiguous(), expected)
     y = xc.clone()
     OPS.ash_(y, 0, variant, ks_tensor(ks), -2.0, 2.0)
     assert same_values(y.contiguous(), out.contiguous())

@@ -753,8 +753,12 @@ template <typename scalar_t>
 struct ClampBounds {
   scalar_t low;
   scalar_t high;
+  bool active;  // whether clamping changes any value: bounds of -inf and +inf leave all as they are
   explicit ClampBounds(const ShapeArgs& args)
-      : low(clamp_bound<scalar_t>(args.clamp_min)), high(clamp_bound<scalar_t>(args.clamp_max)) {}
+      : low(clamp_bound<scalar_t>(args.clamp_min)),
+        high(clamp_bound<scalar_t>(args.clamp_max)),
+        active(args.clamped && !(std::isinf(static_cast<double>(low)) && low < scalar_t(0) &&
+                                 std::isinf(static_cast<double>(high)) && high > scalar_t(0))) {}
 };
 
 // Clamps a sample from src into dst (which may be src), chunk by chunk. Clamping once up front
@@ -842,7 +846,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, const ShapeArgs& a
     const scalar_t* in = in_base + b * n;
     scalar_t* dst = out_base + b * n;
     const ChunkPlan plan(n, parallel_chunks);
-    if (args.clamped) {
+    if (bounds.active) {
       // The sample's own output slice is the buffer (in place it is the input itself): each
       // pass below reads only this sample, and the output pass writes each element after
       // reading it.
@@ -1016,7 +1020,7 @@ void stats_impl(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& 
     const scalar_t* in = in_base + b * n;
     const ChunkPlan plan(n, parallel_chunks);
     auto& scratch = pool.get();
-    if (args.clamped) {
+    if (bounds.active) {
       // x is read-only here: the thread's scratch holds the clamped sample for the later passes.
       scratch.clamped.resize(static_cast<size_t>(n));
       clamp_sample(in, scratch.clamped.data(), plan, bounds);
