@@ -566,7 +566,9 @@ def test_long_samples_split_over_threads(two_threads, dtype, variant):
         split = OPS.ash(x[b : b + 1], k, variant, None, -0.5, 1.0)  # one sample: split
         whole = OPS.ash(x, 0, variant, ks_tensor(ks), -0.5, 1.0)[b : b + 1]
         assert same_values(split, whole), (b, k)
-        for got, want in zip(OPS.topk_stats(x[b : b + 1], k, None, -0.5, 1.0), OPS.topk_stats(x, 0, ks_tensor(ks), -0.5, 1.0)):
+        for got, want in zip(
+            OPS.topk_stats(x[b : b + 1], k, None, -0.5, 1.0), OPS.topk_stats(x, 0, ks_tensor(ks), -0.5, 1.0)
+        ):
             assert same_values(got, want[b : b + 1])
         y = x[b : b + 1].clone()
         OPS.ash_(y, k, variant, None, -0.5, 1.0)
