@@ -12,7 +12,14 @@
 //   C. the remaining digits are radix-selected among the gathered keys only, which leaves the
 //      exact threshold key T, the number of ties at T and how many of them to keep;
 //   D. when only some ties are kept: the largest logical index among the kept ties;
-//   E. the output pass (ASH-S first sums the kept values, s2, reading the sample from cache).
+//   E. the output pass (ASH-S and SCALE first sum the kept values, s2, reading the sample from
+//      cache; SCALE's output pass scales every value, nothing pruned). topk_stats stops before
+//      it: the threshold, s1 and s2 are its results.
+//
+// Each sample has its own k where the call gives k_per_sample (a sample with k == 0 skips the
+// selection). With clamp bounds, a sample is first clamped into a buffer -- its own output
+// slice, or for topk_stats the thread's scratch -- and every pass above reads that buffer, so
+// the passes (portable and AVX-512) are the same code with or without clamping.
 //
 // Every sum is taken in a fixed order -- lanes within blocks of kSumBlock values, blocks in
 // order -- so a sample's result depends on nothing but the sample: not on the batch it is in,
@@ -109,6 +116,7 @@ struct Scratch {
   std::vector<scalar_t> masked;      // one sum block of kept values (ASH-S)
   std::vector<int64_t> gathered;     // keys gathered per chunk
   std::vector<int64_t> chunk_above;  // keys above the window per chunk
+  std::vector<scalar_t> clamped;     // the clamped sample (topk_stats with clamp bounds)
   ThresholdGuess<key_t>& guess = this_threads_guess<Radix, scalar_t>();
   explicit Scratch(int64_t n) : hist(Radix::kHistCopies * Radix::kFirstBuckets), candidates(static_cast<size_t>(n + kLanes)) {}
 };
@@ -437,7 +445,6 @@ struct SampleSelector {
   using acc_t = acc_type<scalar_t>;
 
   const SampleLayout& layout;
-  int64_t k;
   bool simd;  // whether the AVX-512 loops run (where has_avx512_code)
 
   // Window widths in key units, relative to the type's mantissa: a key step of
@@ -447,21 +454,23 @@ struct SampleSelector {
   static constexpr key_t kMinHalfWidth = key_t(1) << (kMantissaBits - 6);
   static constexpr key_t kMaxHalfWidth = key_t(1) << (kMantissaBits + 1);
 
-  // `parallel_chunks` > 1 spreads the passes over threads; it must be 1 inside a parallel
+  // Selects the k-th largest key of the sample at `in` (1 <= k <= n; each sample may have its
+  // own k). `parallel_chunks` > 1 spreads the passes over threads; it must be 1 inside a parallel
   // region. The result does not depend on which path found it.
-  Selection<key_t, acc_t> select(const scalar_t* in, Scratch<Radix, scalar_t>& scratch, int64_t parallel_chunks) const {
+  Selection<key_t, acc_t> select(const scalar_t* in, int64_t k, Scratch<Radix, scalar_t>& scratch,
+                                 int64_t parallel_chunks) const {
     const ChunkPlan plan(layout.n, parallel_chunks);
     Selection<key_t, acc_t> sel;
     std::vector<acc_t>& block_sums = scratch.block_sums;
     block_sums.assign(static_cast<size_t>(plan.blocks), acc_t(0));
     int64_t above = 0;
-    const int64_t count = scratch.guess.valid ? select_in_window(in, scratch, plan, block_sums, &above) : -1;
+    const int64_t count = scratch.guess.valid ? select_in_window(in, k, scratch, plan, block_sums, &above) : -1;
     if (count >= 0) {
       // C, from the window's keys (which share no top bits).
       select_among_candidates<Radix, scalar_t>(scratch.candidates.data(), scratch.spare, count, k - above, sel, simd);
     } else {
       // A, B, C.
-      const auto [digit_count, digit_above] = select_by_histogram(in, scratch, plan, block_sums);
+      const auto [digit_count, digit_above] = select_by_histogram(in, k, scratch, plan, block_sums);
       select_among_candidates<Radix, scalar_t>(scratch.candidates.data(), scratch.spare, digit_count, k - digit_above,
                                                sel, simd);
       scratch.guess.half_width = scratch.guess.valid
@@ -481,7 +490,7 @@ struct SampleSelector {
 
   // Pass W. Returns the number of keys gathered in the window, with *above the number above
   // it, or -1 when the k-th largest key is not in the window (the sums are then still set).
-  int64_t select_in_window(const scalar_t* in, Scratch<Radix, scalar_t>& scratch, const ChunkPlan& plan,
+  int64_t select_in_window(const scalar_t* in, int64_t k, Scratch<Radix, scalar_t>& scratch, const ChunkPlan& plan,
                            std::vector<acc_t>& block_sums, int64_t* above) const {
     constexpr key_t kMaxKey = std::numeric_limits<key_t>::max();
     const key_t guess = scratch.guess.threshold;
@@ -516,7 +525,7 @@ struct SampleSelector {
 
   // Passes A and B: the top digit by histogram, then the keys of that digit gathered into the
   // scratch. Returns {keys gathered, keys in the digits above}.
-  std::pair<int64_t, int64_t> select_by_histogram(const scalar_t* in, Scratch<Radix, scalar_t>& scratch,
+  std::pair<int64_t, int64_t> select_by_histogram(const scalar_t* in, int64_t k, Scratch<Radix, scalar_t>& scratch,
                                                   const ChunkPlan& plan, std::vector<acc_t>& block_sums) const {
     constexpr int64_t kFirstBuckets = Radix::kFirstBuckets;
     std::vector<int64_t>& counts = scratch.counts;
@@ -734,62 +743,197 @@ void write_forward(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end
         });
       }
       break;
+    case Variant::ScaleUnpruned:
+      TORCH_INTERNAL_ASSERT(false, "ash_ext: SCALE's output pass is write_scaled");
+  }
+}
+
+// The clamp bounds of a call in the input's dtype, rounded as torch.clamp rounds them.
+template <typename scalar_t>
+struct ClampBounds {
+  scalar_t low;
+  scalar_t high;
+  bool active;  // whether clamping changes any value: bounds of -inf and +inf leave all as they are
+  explicit ClampBounds(const ShapeArgs& args)
+      : low(clamp_bound<scalar_t>(args.clamp_min)),
+        high(clamp_bound<scalar_t>(args.clamp_max)),
+        active(args.clamped && !(std::isinf(static_cast<double>(low)) && low < scalar_t(0) &&
+                                 std::isinf(static_cast<double>(high)) && high > scalar_t(0))) {}
+};
+
+// Clamps a sample from src into dst (which may be src), chunk by chunk. Clamping once up front
+// lets every later pass -- the portable loops and the AVX-512 ones alike -- run unchanged on the
+// clamped values, which they then read from cache. The loop is a compare-and-select the compiler
+// vectorises (for float, a max and a min: both keep v when v is NaN or a zero equal to the bound).
+template <typename scalar_t>
+void clamp_sample(const scalar_t* src, scalar_t* dst, const ChunkPlan& plan, const ClampBounds<scalar_t>& bounds) {
+  const scalar_t low = bounds.low;
+  const scalar_t high = bounds.high;
+  run_chunks(plan.chunks, [&](int64_t c) {
+    for (int64_t i = plan.begin(c); i < plan.end(c); ++i) {
+      dst[i] = clamp_value(src[i], low, high);
+    }
+  });
+}
+
+// s1 of a sample that keeps nothing (so has no selection to take it from): block by block with
+// block_sum, which is what passes A and W compute per block on either path, then the blocks in
+// order -- the same bits the selection would have produced.
+template <typename scalar_t>
+acc_type<scalar_t> sample_total(const scalar_t* in, const ChunkPlan& plan,
+                                std::vector<acc_type<scalar_t>>& block_sums) {
+  using acc_t = acc_type<scalar_t>;
+  block_sums.assign(static_cast<size_t>(plan.blocks), acc_t(0));
+  run_chunks(plan.chunks, [&](int64_t c) {
+    for (int64_t block = plan.first_block(c); block < plan.last_block(c); ++block) {
+      const int64_t begin = block * kSumBlock;
+      const int64_t end = std::min(plan.n, begin + kSumBlock);
+      block_sums[block] = block_sum<acc_t>(end - begin, [&](int64_t i) { return static_cast<acc_t>(in[begin + i]); });
+    }
+  });
+  return ordered_total(block_sums);
+}
+
+// s2, the sum of the kept values, in ASH-S's order: the kept values' block sums, then the blocks
+// in order. ASH-S, SCALE and topk_stats all take it from here, so their s2 agree bit for bit.
+template <typename Radix, typename scalar_t>
+acc_type<scalar_t> kept_total(const scalar_t* in, const ChunkPlan& plan,
+                              const Selection<key_type<scalar_t>, acc_type<scalar_t>>& sel, const SampleLayout& layout,
+                              Scratch<Radix, scalar_t>& scratch, bool simd) {
+  using acc_t = acc_type<scalar_t>;
+  std::vector<acc_t>& kept_sums = scratch.kept_sums;
+  kept_sums.assign(static_cast<size_t>(plan.blocks), acc_t(0));
+  // One block-sized buffer per chunk (chunks run on different threads).
+  const int64_t block_len = std::min(kSumBlock, plan.n);
+  scratch.masked.resize(static_cast<size_t>(block_len * plan.chunks));
+  run_chunks(plan.chunks, [&](int64_t c) {
+    kept_block_sums(in, plan, c, sel, layout, kept_sums.data(), scratch.masked.data() + c * block_len, simd);
+  });
+  return ordered_total(kept_sums);
+}
+
+// SCALE's output over [begin, end): every value times the factor in the accumulation type,
+// rounded once (a NaN or infinite factor follows IEEE). One path for every CPU: a plain loop the
+// compiler vectorises, so the AVX-512 build needs no version of its own.
+template <typename scalar_t>
+void write_scaled(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end, acc_type<scalar_t> factor) {
+  using acc_t = acc_type<scalar_t>;
+  for (int64_t i = begin; i < end; ++i) {
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(in[i]) * factor);
   }
 }
 
 template <typename Radix, typename scalar_t>
-void forward_impl(const at::Tensor& x, const at::Tensor& out, int64_t k, Variant variant, const SampleLayout& layout) {
+void forward_impl(const at::Tensor& x, const at::Tensor& out, const ShapeArgs& args, Variant variant,
+                  const SampleLayout& layout) {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* in_base = x.const_data_ptr<scalar_t>();
   scalar_t* out_base = out.mutable_data_ptr<scalar_t>();
   const int64_t n = layout.n;
-  if (k == 0) {
+  if (args.k_per_sample == nullptr && args.k == 0 && variant != Variant::ScaleUnpruned) {
+    // No sample keeps anything: ASH-P, -B and -S output +0.0 whatever the values (clamped or not).
     at::parallel_for(0, layout.batch * n, 32768, [&](int64_t begin, int64_t end) {
       std::fill(out_base + begin, out_base + end, scalar_t(0));
     });
     return;
   }
   const bool simd = cpu_simd_enabled();
-  const SampleSelector<Radix, scalar_t> selector{layout, k, simd};
+  const SampleSelector<Radix, scalar_t> selector{layout, simd};
+  const ClampBounds<scalar_t> bounds(args);
   ScratchPool<Radix, scalar_t> pool(n);
   for_each_sample(layout, [&](int64_t b, int64_t parallel_chunks) {
+    const int64_t k = args.k_of(b);
     const scalar_t* in = in_base + b * n;
     scalar_t* dst = out_base + b * n;
-    const auto sel = selector.select(in, pool.get(), parallel_chunks);
     const ChunkPlan plan(n, parallel_chunks);
+    if (bounds.active) {
+      // The sample's own output slice is the buffer (in place it is the input itself): each
+      // pass below reads only this sample, and the output pass writes each element after
+      // reading it.
+      clamp_sample(in, dst, plan, bounds);
+      in = dst;
+    }
+    auto& scratch = pool.get();
+    if (k == 0) {
+      if (variant == Variant::ScaleUnpruned) {
+        const acc_t factor = scale_factor(sample_total(in, plan, scratch.block_sums), acc_t(0));
+        run_chunks(plan.chunks, [&](int64_t c) { write_scaled(in, dst, plan.begin(c), plan.end(c), factor); });
+      } else {
+        run_chunks(plan.chunks, [&](int64_t c) { std::fill(dst + plan.begin(c), dst + plan.end(c), scalar_t(0)); });
+      }
+      return;
+    }
+    const auto sel = selector.select(in, k, scratch, parallel_chunks);
     acc_t constant = 0;
-    if (variant == Variant::Scale) {
-      auto& scratch = pool.get();
-      std::vector<acc_t>& kept_sums = scratch.kept_sums;
-      kept_sums.assign(static_cast<size_t>(plan.blocks), acc_t(0));
-      // One block-sized buffer per chunk (chunks run on different threads).
-      const int64_t block_len = std::min(kSumBlock, n);
-      scratch.masked.resize(static_cast<size_t>(block_len * plan.chunks));
-      run_chunks(plan.chunks, [&](int64_t c) {
-        kept_block_sums(in, plan, c, sel, layout, kept_sums.data(), scratch.masked.data() + c * block_len, simd);
-      });
-      constant = scale_factor(sel.sum, ordered_total(kept_sums));
+    if (variant == Variant::Scale || variant == Variant::ScaleUnpruned) {
+      constant = scale_factor(sel.sum, kept_total(in, plan, sel, layout, scratch, simd));
     } else if (variant == Variant::Binarize) {
       constant = sel.sum / static_cast<acc_t>(k);
     }
-    run_chunks(plan.chunks,
-               [&](int64_t c) { write_forward(in, dst, plan.begin(c), plan.end(c), variant, constant, sel, layout, simd); });
+    if (variant == Variant::ScaleUnpruned) {
+      run_chunks(plan.chunks, [&](int64_t c) { write_scaled(in, dst, plan.begin(c), plan.end(c), constant); });
+    } else {
+      run_chunks(plan.chunks, [&](int64_t c) {
+        write_forward(in, dst, plan.begin(c), plan.end(c), variant, constant, sel, layout, simd);
+      });
+    }
   });
 }
 
+// SCALE's gradient for one sample (y = x E, E = exp(s1 / s2), m the kept mask, G = sum_i g_i x_i
+// over all i): dL/dx_j = E g_j + E (G / s2) (1 - m_j s1 / s2), or factor * g where s2 == 0 and
+// the factor is a constant. s1 and s2 are the forward's, bit for bit (same sums, same order).
 template <typename Radix, typename scalar_t>
-void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, int64_t k, Variant variant,
-                   const SampleLayout& layout) {
+void scale_unpruned_backward(const scalar_t* xs, const scalar_t* gs, scalar_t* gxs, int64_t k,
+                             const SampleSelector<Radix, scalar_t>& selector, const SampleLayout& layout,
+                             Scratch<Radix, scalar_t>& scratch) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t n = layout.n;
+  const ChunkPlan plan(n, 1);
+  Selection<key_type<scalar_t>, acc_t> sel;
+  acc_t s1 = 0;
+  acc_t s2 = 0;
+  if (k > 0) {
+    sel = selector.select(xs, k, scratch, 1);
+    s1 = sel.sum;
+    s2 = kept_total(xs, plan, sel, layout, scratch, selector.simd);
+  } else {
+    s1 = sample_total(xs, plan, scratch.block_sums);
+  }
+  const acc_t factor = scale_factor(s1, s2);
+  if (s2 == acc_t(0)) {
+    for (int64_t i = 0; i < n; ++i) {
+      gxs[i] = static_cast<scalar_t>(factor * static_cast<acc_t>(gs[i]));
+    }
+    return;
+  }
+  acc_t grad_dot_x = 0;  // G
+  for (int64_t i = 0; i < n; ++i) {
+    grad_dot_x += static_cast<acc_t>(gs[i]) * static_cast<acc_t>(xs[i]);
+  }
+  // Divided step by step as ASH-S's backward: s2 * s2 and G * s1 overflow long before the result.
+  const acc_t grad_per_kept = grad_dot_x / s2;         // G / s2
+  const acc_t shared = factor * grad_per_kept;         // E G / s2, for every element
+  const acc_t kept_shift = grad_per_kept * (s1 / s2);  // G s1 / s2^2, for the kept ones
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t shift = is_kept(sel, layout, order_key(xs[i]), i) ? kept_shift : acc_t(0);
+    gxs[i] = static_cast<scalar_t>(shared + factor * (static_cast<acc_t>(gs[i]) - shift));
+  }
+}
+
+template <typename Radix, typename scalar_t>
+void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, const ShapeArgs& args,
+                   Variant variant, const SampleLayout& layout) {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* x_base = x.const_data_ptr<scalar_t>();
   const scalar_t* g_base = grad.const_data_ptr<scalar_t>();
   scalar_t* gx_base = grad_x.mutable_data_ptr<scalar_t>();
   const int64_t n = layout.n;
-  if (k == 0) {
+  if (args.k_per_sample == nullptr && args.k == 0 && variant != Variant::ScaleUnpruned) {
     grad_x.zero_();
     return;
   }
-  const SampleSelector<Radix, scalar_t> selector{layout, k, cpu_simd_enabled()};
+  const SampleSelector<Radix, scalar_t> selector{layout, cpu_simd_enabled()};
   // The backward is not on the inference path: one sample per task, a plain loop per sample.
   at::parallel_for(0, layout.batch, 1, [&](int64_t begin, int64_t end) {
     Scratch<Radix, scalar_t> scratch(n);
@@ -797,7 +941,17 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
       const scalar_t* xs = x_base + b * n;
       const scalar_t* gs = g_base + b * n;
       scalar_t* gxs = gx_base + b * n;
-      const auto sel = selector.select(xs, scratch, 1);
+      const int64_t k = args.k_of(b);
+      if (variant == Variant::ScaleUnpruned) {
+        scale_unpruned_backward(xs, gs, gxs, k, selector, layout, scratch);
+        continue;
+      }
+      if (k == 0) {
+        // ASH-P, -B and -S output the constant +0.0.
+        std::fill(gxs, gxs + n, scalar_t(0));
+        continue;
+      }
+      const auto sel = selector.select(xs, k, scratch, 1);
       // Sums over the kept elements: of x (s2), of g (ASH-B) and of g * x (ASH-S).
       acc_t kept_x = 0;
       acc_t kept_grad = 0;
@@ -814,9 +968,17 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
       if (variant == Variant::Binarize) {
         std::fill(gxs, gxs + n, static_cast<scalar_t>(kept_grad / static_cast<acc_t>(k)));
       } else if (variant == Variant::Prune || s2 == acc_t(0)) {
-        // ASH-S with a kept sum of 0 has the constant factor 1 (see scale_factor): as ASH-P.
-        for (int64_t i = 0; i < n; ++i) {
-          gxs[i] = keep_or_zero(gs[i], is_kept(sel, layout, order_key(xs[i]), i));
+        // ASH-S with a kept sum of 0 has a constant factor (see scale_factor): 1, as ASH-P, or 0.
+        const acc_t factor = variant == Variant::Prune ? acc_t(1) : scale_factor(s1, s2);
+        if (factor == acc_t(1)) {
+          for (int64_t i = 0; i < n; ++i) {
+            gxs[i] = keep_or_zero(gs[i], is_kept(sel, layout, order_key(xs[i]), i));
+          }
+        } else {
+          for (int64_t i = 0; i < n; ++i) {
+            gxs[i] = keep_or_zero(static_cast<scalar_t>(factor * static_cast<acc_t>(gs[i])),
+                                  is_kept(sel, layout, order_key(xs[i]), i));
+          }
         }
       } else {
         // y_i = m_i x_i E, E = exp(s1 / s2): dL/dx_j = E (m_j (g_j - G s1 / s2^2) + G / s2),
@@ -838,38 +1000,81 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   });
 }
 
+// topk_stats: the selection, and ASH-S's kept sum read from cache -- no output pass.
+template <typename Radix, typename scalar_t>
+void stats_impl(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& layout, const at::Tensor& threshold,
+                const at::Tensor& total, const at::Tensor& kept) {
+  using key_t = key_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* in_base = x.const_data_ptr<scalar_t>();
+  scalar_t* threshold_out = threshold.mutable_data_ptr<scalar_t>();
+  acc_t* total_out = total.mutable_data_ptr<acc_t>();
+  acc_t* kept_out = kept.mutable_data_ptr<acc_t>();
+  const int64_t n = layout.n;
+  const bool simd = cpu_simd_enabled();
+  const SampleSelector<Radix, scalar_t> selector{layout, simd};
+  const ClampBounds<scalar_t> bounds(args);
+  ScratchPool<Radix, scalar_t> pool(n);
+  for_each_sample(layout, [&](int64_t b, int64_t parallel_chunks) {
+    const int64_t k = args.k_of(b);
+    const scalar_t* in = in_base + b * n;
+    const ChunkPlan plan(n, parallel_chunks);
+    auto& scratch = pool.get();
+    if (bounds.active) {
+      // x is read-only here: the thread's scratch holds the clamped sample for the later passes.
+      scratch.clamped.resize(static_cast<size_t>(n));
+      clamp_sample(in, scratch.clamped.data(), plan, bounds);
+      in = scratch.clamped.data();
+    }
+    if (k == 0) {
+      threshold_out[b] = value_of_key<scalar_t>(std::numeric_limits<key_t>::max());  // NaN
+      total_out[b] = sample_total(in, plan, scratch.block_sums);
+      kept_out[b] = acc_t(0);
+      return;
+    }
+    const auto sel = selector.select(in, k, scratch, parallel_chunks);
+    threshold_out[b] = value_of_key<scalar_t>(sel.threshold);
+    total_out[b] = sel.sum;
+    kept_out[b] = kept_total(in, plan, sel, layout, scratch, simd);
+  });
+}
+
 }  // namespace
 
 void ash_forward_cpu(const at::Tensor& x, const at::Tensor& out, const ShapeArgs& args, Variant variant,
                      const SampleLayout& layout) {
-  TORCH_CHECK(args.k_per_sample == nullptr && !args.clamped && variant != Variant::ScaleUnpruned,
-              "ash_ext: not implemented yet on the CPU");
-  const int64_t k = args.k;
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu(), "ash_ext: the CPU kernel got a tensor on ", x.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_forward_cpu",
-                                  [&] {
-                                    if (layout.n <= kShortSample) {
-                                      forward_impl<ShortSampleRadix, scalar_t>(x, out, k, variant, layout);
-                                    } else {
-                                      forward_impl<LongSampleRadix, scalar_t>(x, out, k, variant, layout);
-                                    }
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_forward_cpu", [&] {
+    if (layout.n <= kShortSample) {
+      forward_impl<ShortSampleRadix, scalar_t>(x, out, args, variant, layout);
+    } else {
+      forward_impl<LongSampleRadix, scalar_t>(x, out, args, variant, layout);
+    }
+  });
 }
 
 void ash_backward_cpu(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, const ShapeArgs& args,
                       Variant variant, const SampleLayout& layout) {
-  TORCH_CHECK(args.k_per_sample == nullptr && variant != Variant::ScaleUnpruned,
-              "ash_ext: not implemented yet on the CPU");
-  const int64_t k = args.k;
   TORCH_CHECK(x.device().is_cpu(), "ash_ext: the CPU kernel got a tensor on ", x.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_backward_cpu",
-                                  [&] {
-                                    if (layout.n <= kShortSample) {
-                                      backward_impl<ShortSampleRadix, scalar_t>(grad, x, grad_x, k, variant, layout);
-                                    } else {
-                                      backward_impl<LongSampleRadix, scalar_t>(grad, x, grad_x, k, variant, layout);
-                                    }
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_backward_cpu", [&] {
+    if (layout.n <= kShortSample) {
+      backward_impl<ShortSampleRadix, scalar_t>(grad, x, grad_x, args, variant, layout);
+    } else {
+      backward_impl<LongSampleRadix, scalar_t>(grad, x, grad_x, args, variant, layout);
+    }
+  });
+}
+
+void ash_stats_cpu(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& layout,
+                   const at::Tensor& threshold, const at::Tensor& total, const at::Tensor& kept) {
+  TORCH_CHECK(x.device().is_cpu(), "ash_ext: the CPU kernel got a tensor on ", x.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ash_stats_cpu", [&] {
+    if (layout.n <= kShortSample) {
+      stats_impl<ShortSampleRadix, scalar_t>(x, args, layout, threshold, total, kept);
+    } else {
+      stats_impl<LongSampleRadix, scalar_t>(x, args, layout, threshold, total, kept);
+    }
+  });
 }
 
 namespace {
@@ -899,11 +1104,6 @@ bool cpu_simd_available() { return cpu_has_avx512(); }
 bool cpu_simd_enabled() { return cpu_simd_on.load(std::memory_order_relaxed); }
 
 bool set_cpu_simd(bool enabled) { return cpu_simd_on.exchange(enabled && cpu_has_avx512()); }
-
-void ash_stats_cpu(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& layout,
-                   const at::Tensor& threshold, const at::Tensor& total, const at::Tensor& kept) {
-  TORCH_CHECK(false, "ash_ext: topk_stats is not implemented yet on the CPU");
-}
 
 TORCH_LIBRARY_IMPL(ash_ext, CPU, m) {
   BackendOps<&ash_forward_cpu, &ash_backward_cpu, &ash_stats_cpu>::register_impls(m);

@@ -446,6 +446,8 @@ inline void write_forward(const float* in, float* out, int64_t begin, int64_t en
       return write_variant<Variant::Binarize>(in, out, begin, end, constant, rule);
     case Variant::Scale:
       return write_variant<Variant::Scale>(in, out, begin, end, constant, rule);
+    case Variant::ScaleUnpruned:
+      break;  // never called for SCALE: its output pass (write_scaled in ash_cpu.cpp) is portable
   }
 }
 
