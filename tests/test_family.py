@@ -275,8 +275,15 @@ def test_per_sample_kernel_equals_fallback(batch, n, seed, clip):
     x = torch.randint(-3, 4, (batch, n), generator=g).float()
     fractions = torch.rand(batch, generator=g)
     for variant in ("ash-p", "ash-b", "ash-s", "scale"):
-        # integer data: every sum is exact, so the two implementations agree bit for bit
-        assert bits_equal(_run(False, x, fractions, variant, clip=clip), _run(True, x, fractions, variant, clip=clip))
+        got = _run(False, x, fractions, variant, clip=clip)
+        want = _run(True, x, fractions, variant, clip=clip)
+        if variant in ("ash-p", "ash-b"):
+            # integer data: every sum is exact, so the two implementations agree bit for bit
+            assert bits_equal(got, want)
+        else:
+            # the same kept set and sums; exp may differ in the last bit (libm's vs torch's)
+            assert torch.equal(got != 0, want != 0)
+            torch.testing.assert_close(got, want, rtol=2.5e-7, atol=0)
 
 
 def test_bad_percentile_tensors_and_clips():
@@ -355,8 +362,10 @@ def test_opcheck_new_arguments():
     ks = torch.tensor([0, 5, 12])
     torch.library.opcheck(torch.ops.ash_ext.ash.default, (x, 0, 3, ks, None, 0.2))
     torch.library.opcheck(torch.ops.ash_ext.ash.default, (x, 4, 2, None, -0.1, None))
-    torch.library.opcheck(torch.ops.ash_ext.topk_stats.default, (x.detach(), 0, ks, 0.0, None))
-    torch.library.opcheck(torch.ops.ash_ext.ash_backward.default, (torch.ones(3, 12), x.detach(), 0, 3, ks))
+    # (k >= 1 here: opcheck compares outputs without equal_nan, and k = 0's threshold is NaN)
+    torch.library.opcheck(torch.ops.ash_ext.topk_stats.default, (x.detach(), 0, ks.clamp(min=1), 0.0, None))
+    grad = torch.ones(3, 12, dtype=x.dtype)
+    torch.library.opcheck(torch.ops.ash_ext.ash_backward.default, (grad, x.detach(), 0, 3, ks))
 
 
 @needs_kernel
