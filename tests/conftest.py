@@ -103,7 +103,8 @@ def oracle(x: torch.Tensor, percentile: float | None, variant: str, k: int | Non
             elif variant == "ash-b":
                 out[b, mask[b]] = s1[b] / k
             elif variant == "ash-s":
-                factor = 1.0 if s2[b] == 0 else np.exp(s1[b] / s2[b])
+                # s2 == 0: the reference's exp(s1 / 0) is 0 for s1 < 0 (kept), inf or NaN otherwise (1)
+                factor = (0.0 if s1[b] < 0 else 1.0) if s2[b] == 0 else np.exp(s1[b] / s2[b])
                 out[b, mask[b]] = row[mask[b]] * factor
             else:
                 raise AssertionError(variant)
