@@ -904,13 +904,14 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             f"{len(noisy)} case(s) have a spread (IQR) over half the median for ash_ext or the roofline: "
             "perhaps other processes were using the device"
         )
-    load = meta.get("load_average_start")
     cpus = m.get("cpus_usable") or m.get("cpu_count") or 1
-    if m["device"].startswith("cpu") and load and load[0] > max(1.0, 0.5 * cpus):
-        lines.append(
-            f"the 1-minute load average was {load[0]:.1f} on {cpus} CPUs as the run started: other processes "
-            "were probably competing for the CPU, so the times are noisy"
-        )
+    for key, when in (("load_average_start", "started"), ("load_average_end", "ended")):
+        load = meta.get(key)
+        if m["device"].startswith("cpu") and load and load[0] > max(1.0, 0.5 * cpus):
+            lines.append(
+                f"the 1-minute load average was {load[0]:.1f} on {cpus} CPUs as the run {when}: other processes "
+                "were probably competing for the CPU, so the times are noisy"
+            )
     if meta.get("interrupted"):
         lines.append("interrupted: the results are partial")
     return lines
