@@ -36,6 +36,7 @@ FAMILIES = {
     "chunked_sums_kernel",
     "chunked_output_kernel",
     "clamp_kernel",
+    "nan_fill_kernel",
 }
 MAX_THREADS = 512  # every kernel's __launch_bounds__ in csrc/cuda/ash_kernels.cuh
 
@@ -43,8 +44,9 @@ MAX_THREADS = 512  # every kernel's __launch_bounds__ in csrc/cuda/ash_kernels.c
 def min_blocks_per_sm(kernel: dict) -> int:
     """The second __launch_bounds__ argument (ash_kernels.cuh): two blocks for the forward chunked
     and on-chip kernels (and the chunked histogram kernel), one for the others and for the
-    chunked output of 16-bit types; two for the clamp pass of regimes 2 and 3."""
-    if kernel["family"] == "clamp_kernel":
+    chunked output of 16-bit types; two for the clamp pass of regimes 2 and 3 and the chunked
+    pipeline's NaN fill of samples with an invalid k."""
+    if kernel["family"] in ("clamp_kernel", "nan_fill_kernel"):
         return 2
     if kernel["family"] == "sample_per_block_kernel":
         return 2 if kernel["staged"] and not kernel["backward"] else 1
@@ -135,12 +137,13 @@ def test_every_kernel_was_found():
     # x staged or not (16; topk_stats runs ASH-S's forward kernels, and the on-chip kernels clamp
     # while staging, both under runtime flags); the histogram kernel's value and tie versions
     # (2); sums where the variant needs them (forward and backward ASH-B, ASH-S, SCALE: 6);
-    # output for 4 variants x forward/backward (8); the clamp pass of regimes 2 and 3 (1).
+    # output for 4 variants x forward/backward (8); the clamp pass of regimes 2 and 3 (1); the
+    # chunked pipeline's NaN fill of samples whose per-sample k is invalid (1).
     per_arch = {}
     for k in found:
         per_arch.setdefault(k["arch"], []).append(k)
     for arch, listed in per_arch.items():
-        assert len(listed) == 4 * (16 + 2 + 6 + 8 + 1), (arch, len(listed))
+        assert len(listed) == 4 * (16 + 2 + 6 + 8 + 1 + 1), (arch, len(listed))
 
 
 def test_no_kernel_spills_or_keeps_a_stack_frame():

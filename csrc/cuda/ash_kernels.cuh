@@ -584,10 +584,14 @@ __global__ void __launch_bounds__(kChunkThreads, kBackward ? 1 : kChunkBlocksRes
   ChunkedSampleState* state = states + sample;
   const int64_t k = ks.of(sample);
   if (invalid_k(k, n)) {
-    // The output kernel writes NaN; no block of the sample arrives (the counter stays 0).
-    if constexpr (kMayStoreStats) {
-      if (stats.wanted() && chunk == 0 && threadIdx.x == 0) {
-        stats.store_nan(sample);
+    // NaN comes later (nan_fill_kernel); no block of the sample arrives (the counter stays 0).
+    // The output kernel still reads the sample's coefficients: they must be initialised.
+    if (chunk == 0 && threadIdx.x == 0) {
+      outputs[sample] = Output{};
+      if constexpr (kMayStoreStats) {
+        if (stats.wanted()) {
+          stats.store_nan(sample);
+        }
       }
     }
     return;
@@ -638,17 +642,15 @@ __global__ void __launch_bounds__(kChunkThreads, kBackward ? 1 : kChunkBlocksRes
 template <typename scalar_t, Variant kVariant, bool kBackward>
 __global__ void __launch_bounds__(kChunkThreads, kBackward || sizeof(scalar_t) == 2 ? 1 : kChunkBlocksResidentPerSm)
     chunked_output_kernel(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t n, int64_t chunk_len,
-                          int64_t chunks, SampleKs ks, const __grid_constant__ SampleLayout layout,
+                          int64_t chunks, const __grid_constant__ SampleLayout layout,
                           const ChunkedSampleState* states, const AshOutput<scalar_t, kVariant, kBackward>* outputs) {
   using Output = AshOutput<scalar_t, kVariant, kBackward>;
   const int64_t sample = blockIdx.x / chunks;
   const int64_t chunk = blockIdx.x % chunks;
   const int64_t begin = chunk * chunk_len;
   const int64_t end = min_int64(n, begin + chunk_len);
-  if (invalid_k(ks.of(sample), n)) {
-    fill_nan(out + sample * n, begin, end);
-    return;
-  }
+  // A sample with an invalid k is shaped here as if nothing were kept; nan_fill_kernel overwrites
+  // it afterwards (a branch for it here cost the float64 ASH-S kernel a spill).
   const SampleSelection<scalar_t> selection = load_selection<scalar_t>(states + sample, n, &layout);
   Output output{};
   if constexpr (Output::kNeedsSums) {
@@ -667,6 +669,19 @@ __global__ void __launch_bounds__(kChunkThreads, kBackward || sizeof(scalar_t) =
     map_elements<2>(x + sample * n, out + sample * n, begin, end, [&](int64_t offset, scalar_t value) {
       return output.forward(selection.kept(offset, value), value);
     });
+  }
+}
+
+// Regime 3 with per-sample ks: NaN over each sample whose k is outside [0, n], after the output
+// kernel, one block per chunk as there.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kChunkThreads, kChunkBlocksResidentPerSm)
+    nan_fill_kernel(scalar_t* out, int64_t n, int64_t chunk_len, int64_t chunks, SampleKs ks) {
+  const int64_t sample = blockIdx.x / chunks;
+  const int64_t chunk = blockIdx.x % chunks;
+  if (invalid_k(ks.of(sample), n)) {
+    const int64_t begin = chunk * chunk_len;
+    fill_nan(out + sample * n, begin, min_int64(n, begin + chunk_len));
   }
 }
 
@@ -763,7 +778,10 @@ void run_ash(Launcher& launcher, const DeviceLimits& limits, const scalar_t* x, 
     return;  // topk_stats writes no output
   }
   launcher.launch(&chunked_output_kernel<scalar_t, kVariant, kBackward>, grid, threads, 0, x, grad, out, n,
-                  chunk_len, chunks, ks, layout, states, static_cast<const Output*>(outputs));
+                  chunk_len, chunks, layout, states, static_cast<const Output*>(outputs));
+  if (ks.per_sample != nullptr) {
+    launcher.launch(&nan_fill_kernel<scalar_t>, grid, threads, 0, out, n, chunk_len, chunks, ks);
+  }
 }
 
 // What run_variant and run_stats take from the op's ShapeArgs (ash.h), in device terms.
