@@ -5,8 +5,9 @@
 #   environment  GPU, driver, nvcc, torch, compute-sanitizer, ninja; $OUT/environment.log     (~5 s)
 #   build        python setup.py build_ext --inplace, sm_90, MAX_JOBS=nproc          240 s (150-180 s)
 #   import       CUDA tensors reach the kernels; the planner's limits (gpu_cases.py --limits) 60 s (5 s)
-#   grid         benchmarks/gpu_cases.py, CUDA_LAUNCH_BLOCKING=1: ~300 cases, every regime,
-#                boundary and window, tied and continuous data, every dtype, vs the fallback 90 s (30-60 s)
+#   grid         benchmarks/gpu_cases.py, CUDA_LAUNCH_BLOCKING=1: ~330 cases, every regime,
+#                boundary and window, tied and continuous data, every dtype, vs the fallback, and
+#                the shaping family (per-sample k, clamp, SCALE, topk_stats) vs the spec   90 s (30-70 s)
 #   tests_rest   pytest tests/ but test_cuda.py, in the background while grid and test_cuda
 #                run (mostly CPU); waited for before the bench                        120 s (40-90 s)
 #   test_cuda    pytest -x tests/test_cuda.py                                          120 s (40-60 s)

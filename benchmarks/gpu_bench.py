@@ -9,6 +9,12 @@ shape's launch regime, go to $OUT/gpu_bench.json (OUT defaults to ./device_out).
 continuous (abs-normal, and relu, whose threshold is still a distinct positive value) or tied
 (zeros70: p=0.65 cuts inside the zeros). With ASH_CHECK_STOP_AT (Unix time) set, no shape starts
 after that time. Needs only torch and ash_ext; sized to take well under a minute on an H100.
+
+Then the shaping family's features on a few of the shapes (FEATURE_CONFIGS), each timed against
+the plain ASH-S kernel with a uniform k on the same input (what the feature costs): SCALE,
+ASH-S clamped (ReAct-style, high bound only), ASH-S with per-sample ks, and topk_stats (which
+writes no output, so it should take about the selection's and sums' time). They go to the JSON
+file's "features" list and a second table.
 """
 
 from __future__ import annotations
@@ -45,6 +51,31 @@ CONFIGS = [
 ]
 PERCENTILES = (0.65, 0.9)
 VARIANTS = ("ash_s", "ash_b")
+# (shape, dtype, data) for the feature rows: a block-per-sample, a chunked and an on-chip shape.
+FEATURE_CONFIGS = [
+    ((256, 2048, 7, 7), torch.float32, "relu"),
+    ((8, 2048, 7, 7), torch.float32, "relu"),
+    ((128, 640, 8, 8), torch.float32, "relu"),
+    ((256, 2048), torch.float16, "relu"),
+]
+
+
+def feature_calls(x: torch.Tensor, percentile: float) -> dict:
+    """name -> a call of the op with that feature (and the baseline, plain ASH-S)."""
+    n = x[0].numel()
+    k = n - int(round(n * percentile))
+    # Per-sample ks around k (all valid), on the device: what functional.py passes per sample.
+    ks = (k + torch.arange(x.shape[0], device=x.device) % 7 - 3).clamp(0, n)
+    cap = float(x.flatten()[: 1 << 16].float().quantile(0.9))  # ReAct-style: clip the top 10%
+    ops = torch.ops.ash_ext
+    return {
+        "ash_s": lambda: ops.ash(x, k, 2),
+        "scale": lambda: ops.ash(x, k, 3),
+        "ash_s+clamp": lambda: ops.ash(x, k, 2, None, None, cap),
+        "ash_s+ks": lambda: ops.ash(x, 0, 2, ks),
+        "topk_stats": lambda: ops.topk_stats(x, k),
+        "topk_stats+ks+clamp": lambda: ops.topk_stats(x, 0, ks, None, cap),
+    }
 
 
 def make(shape, dtype, data):
@@ -152,6 +183,40 @@ def main() -> int:
         x = None  # free it before the next shape
         torch.cuda.empty_cache()
 
+    features = []
+    for shape, dtype, data in FEATURE_CONFIGS:
+        if time.time() > stop_at:
+            print("skipped the feature rows (out of time)", flush=True)
+            break
+        regime = regime_of(shape, dtype, props)
+        x = make(shape, dtype, data)
+        nbytes = x.numel() * x.element_size()
+        clone_ms = time_ms(x.clone, args.warmup, args.reps)
+        calls = feature_calls(x, 0.65)
+        base_ms = time_ms(calls["ash_s"], args.warmup, args.reps)
+        for name, call in calls.items():
+            ms = base_ms if name == "ash_s" else time_ms(call, args.warmup, args.reps)
+            row = {
+                "shape": list(shape),
+                "dtype": str(dtype).replace("torch.", ""),
+                "data": data,
+                "feature": name,
+                "regime": regime,
+                "kernel_ms": ms,
+                "ash_s_ms": base_ms,
+                "clone_ms": clone_ms,
+                "relative_to_ash_s": ms / base_ms,
+                "percent_of_clone": 100.0 * clone_ms / ms,
+            }
+            features.append(row)
+            print(
+                f"{str(tuple(shape)):<18} {row['dtype']:<8} {name:<20} ({regime}): {ms:.4f} ms, "
+                f"{row['relative_to_ash_s']:.2f} x ASH-S's {base_ms:.4f} ms ({row['percent_of_clone']:.0f}% of clone)",
+                flush=True,
+            )
+        x = None
+        torch.cuda.empty_cache()
+
     path = os.path.join(out_dir, "gpu_bench.json")
     with open(path, "w") as f:
         json.dump(
@@ -162,6 +227,7 @@ def main() -> int:
                 "warmup": args.warmup,
                 "reps": args.reps,
                 "results": results,
+                "features": features,
             },
             f,
             indent=1,
@@ -185,6 +251,13 @@ def main() -> int:
             f"{r['reference_ms']:>8.4f} {r['kernel_ms']:>8.4f} {r['speedup_vs_reference']:>7.1f} "
             f"{r['kernel_gbps']:>6.0f} {r['percent_of_clone']:>6.0f}"
         )
+    if features:
+        print(f"\n{'shape':<18} {'dtype':<8} {'feature':<20} {'ms':>8} {'x ASH-S':>7} {'%clone':>6}")
+        for r in features:
+            print(
+                f"{str(tuple(r['shape'])):<18} {r['dtype']:<8} {r['feature']:<20} {r['kernel_ms']:>8.4f} "
+                f"{r['relative_to_ash_s']:>7.2f} {r['percent_of_clone']:>6.0f}"
+            )
     return 0 if results else 1
 
 

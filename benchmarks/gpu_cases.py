@@ -6,7 +6,11 @@ of dynamic shared memory, batch 2 x SMs - 1 and 2 x SMs for samples just over th
 long samples, and model shapes (ResNet-50's [B, 2048, 7, 7] and [B, 2048], WideResNet's
 [B, 640, 8, 8]); each with tied data (70% zeros, small integers) and continuous data, the 4-D
 ones also channels_last. Every case runs ASH-P, ASH-B and ASH-S out of place, in place and
-backward and compares them with ash_ext.fallback (see check_case). One line per case,
+backward and compares them with ash_ext.fallback (see check_case). The "-family" cases check the
+shaping family's op features instead (check_family): per-sample k (with k = 0, k = n and, on
+CUDA, where nothing checks them, ks outside [0, n] that make a sample NaN), clamping (low, high,
+both, with values equal to the bounds), SCALE forward and backward, and topk_stats, against
+tests/emulation/spec_reference.py (the spec in plain PyTorch). One line per case,
 
     ok|MISMATCH|ERROR #<i>:<group>/<data>[/cl] [<shape>] <dtype> <regime> (<seconds>s) [what differed]
 
@@ -41,6 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ash_ext  # noqa: E402
 from ash_ext import fallback  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "emulation"))
+import spec_reference  # noqa: E402
 
 PERCENTILE = 0.65
 VARIANTS = ("ash_p", "ash_b", "ash_s")
@@ -80,6 +87,7 @@ class Case:
     channels_last: bool = False
     inplace: bool = True
     grads: tuple = VARIANTS  # the variants whose backward is checked
+    family: bool = False  # check the shaping family's features (check_family) instead
 
 
 def device_limits(device: str, sms: Optional[int] = None, shared_optin: Optional[int] = None) -> Limits:
@@ -222,7 +230,7 @@ def compare(what: str, got: torch.Tensor, want: torch.Tensor, exact: bool) -> li
         return [f"{what}: {describe(got, want, 0.0, 0.0)}"]
     tolerance = TOLERANCE[want.dtype]
     try:
-        torch.testing.assert_close(got, want, **tolerance)
+        torch.testing.assert_close(got, want, equal_nan=True, **tolerance)  # NaN samples: invalid ks
         return []
     except AssertionError:
         return [f"{what}: {describe(got, want, **tolerance)}"]
@@ -265,6 +273,100 @@ def check_case(x: torch.Tensor, case: Case, ref_device: str, data_device: str) -
     return problems
 
 
+FAMILY_VARIANTS = ("ash-p", "ash-b", "ash-s", "scale")
+
+
+def family_ks(batch: int, n: int, device: str) -> torch.Tensor:
+    """Per-sample ks cycling through 35% of n, 0, n, 1, 10% of n."""
+    pool = [max(1, round(n * 0.35)), 0, n, 1, max(1, round(n * 0.1))]
+    return torch.tensor([pool[b % len(pool)] for b in range(batch)], dtype=torch.int64, device=device)
+
+
+def family_bounds(x: torch.Tensor) -> tuple:
+    """Clamp bounds that are values of x (so that values equal to a bound occur)."""
+    finite = x[torch.isfinite(x)].double().flatten().sort().values
+    low, high = float(finite[len(finite) * 3 // 10]), float(finite[len(finite) * 8 // 10])
+    return low, (high if high > low else low + 1.0)
+
+
+def compare_stats(what: str, got: tuple, want: tuple, x: torch.Tensor) -> list:
+    """topk_stats against the reference: the threshold exactly, the sums within the accumulation
+    type's rounding of a sum of |x| (they are formed in another order)."""
+    problems = []
+    threshold, total, kept = (t.to(want[0].device) for t in got)
+    if not torch.equal(threshold.isnan(), want[0].isnan()) or not torch.equal(
+        threshold.nan_to_num(nan=0.0), want[0].nan_to_num(nan=0.0)
+    ):
+        problems.append(f"{what} threshold: {describe(threshold, want[0], 0.0, 0.0)}")
+    scale = x.to(want[0].device).reshape(x.shape[0], -1).double().abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    eps = 1e-12 if x.dtype == torch.float64 else 2e-6
+    bound = eps * (scale.sum(1) + 1)
+    for name, value, reference in (("total", total, want[1]), ("kept", kept, want[2])):
+        value = value.double()
+        finite = torch.isfinite(reference)
+        bad = (value.isnan() != reference.isnan()) | (finite & ((value - reference).abs() > bound))
+        bad |= ~finite & ~reference.isnan() & (value != reference)
+        if bad.any():
+            first = int(bad.nonzero()[0])
+            problems.append(f"{what} {name}: {int(bad.sum())} samples differ, first {first} "
+                            f"(got {float(value[first]):.8g}, want {float(reference[first]):.8g})")
+    return problems
+
+
+def check_family(x: torch.Tensor, case: Case, ref_device: str, data_device: str) -> list:
+    """The shaping family's features on ``x`` against spec_reference (run on ``ref_device``, in
+    float64): every variant with per-sample ks, unclamped and clamped (low only, high only, both
+    in turn), in place, backward; the clamped op against the op on x.clamp() (exactly);
+    topk_stats with and without the clamp; SCALE and topk_stats with a uniform k = 0; and on
+    CUDA, per-sample ks outside [0, n], which must make exactly their samples NaN."""
+    problems = []
+    batch, n = x.shape[0], x[0].numel()
+    ks = family_ks(batch, n, x.device)
+    x_ref = x.to(ref_device)
+    ks_ref = ks.to(ref_device)
+    low, high = family_bounds(x_ref)
+    bounds = [(low, None), (None, high), (low, high)]
+    upstream = like(x, make_data("normal", case.shape, x.dtype, seed_of(case) + 1, data_device).to(x.device))
+    for v, name in enumerate(FAMILY_VARIANTS):
+        vid = spec_reference.VARIANT_IDS[name]
+        exact = name == "ash-p"
+        got = torch.ops.ash_ext.ash(x, 0, vid, ks)
+        problems += compare(f"{name} ks", got, spec_reference.forward(x_ref, ks_ref, name), exact)
+        lo, hi = bounds[v % 3]
+        clamped = torch.ops.ash_ext.ash(x, 0, vid, ks, lo, hi)
+        problems += compare(f"{name} ks clamp [{lo}, {hi}]", clamped,
+                            spec_reference.forward(x_ref, ks_ref, name, lo, hi), exact)
+        problems += compare(f"{name} clamp vs op(x.clamp())", clamped,
+                            torch.ops.ash_ext.ash(x.clamp(lo, hi), 0, vid, ks), exact=True)
+        y = x.clone()
+        torch.ops.ash_ext.ash_(y, 0, vid, ks, lo, hi)
+        problems += compare(f"{name} in place vs out of place", y, clamped, exact=True)
+        grad = torch.ops.ash_ext.ash_backward(upstream, x, 0, vid, ks)
+        problems += compare(f"{name} backward ks", grad,
+                            spec_reference.backward(upstream.to(ref_device), x_ref, ks_ref, name), exact)
+        del got, clamped, y, grad
+    problems += compare("scale k=0", torch.ops.ash_ext.ash(x, 0, 3), spec_reference.forward(x_ref, 0, "scale"), False)
+    for what, k, per_sample, lo, hi in (("ks", 0, ks, None, None), ("ks clamp", 0, ks, low, high),
+                                        ("uniform k", round(n * 0.35), None, None, None), ("k=0", 0, None, None, None)):
+        got = torch.ops.ash_ext.topk_stats(x, k, per_sample, lo, hi)
+        want = spec_reference.stats(x_ref, ks_ref if per_sample is not None else k, lo, hi)
+        problems += compare_stats(f"topk_stats {what}", got, want, spec_reference.clamp(x_ref, lo, hi))
+    if x.is_cuda:
+        bad = ks.clone()
+        bad[0] = -1
+        bad[-1] = n + 1
+        bad_ref = bad.to(ref_device)
+        for name in ("ash-b", "scale"):
+            got = torch.ops.ash_ext.ash(x, 0, spec_reference.VARIANT_IDS[name], bad)
+            problems += compare(f"{name} invalid ks", got, spec_reference.forward(x_ref, bad_ref, name), False)
+        got = torch.ops.ash_ext.ash_backward(upstream, x, 0, 2, bad)
+        problems += compare("ash-s backward invalid ks", got,
+                            spec_reference.backward(upstream.to(ref_device), x_ref, bad_ref, "ash-s"), False)
+        problems += compare_stats("topk_stats invalid ks", torch.ops.ash_ext.topk_stats(x, 0, bad),
+                                  spec_reference.stats(x_ref, bad_ref), x_ref)
+    return problems
+
+
 def make_input(case: Case, device: str, data_device: str) -> torch.Tensor:
     x = make_data(case.data, case.shape, case.dtype, seed_of(case), data_device)
     if case.channels_last:
@@ -288,7 +390,8 @@ def run_one(index: int, case: Case, limits: Limits, device: str, ref_device: str
     try:
         regime = regime_of(case.shape, case.dtype, limits)
         x = make_input(case, device, data_device)
-        problems = check_case(x, case, ref_device, data_device)
+        check = check_family if case.family else check_case
+        problems = check(x, case, ref_device, data_device)
         big = x.numel() >= 1 << 22
         del x
         if device == "cuda":
@@ -357,6 +460,15 @@ def grid(limits: Limits) -> list:
         # [B, C, 7, 7] just over the limit: chunked and block-per-sample 4-D (and channels_last) maps.
         add("limit+-4d", (3, limit // 49 + 1, 7, 7), dtype)
         add("limit+-4d-batch-2sm", (sms2, limit // 49 + 1, 7, 7), dtype)
+    # The shaping family's features: one mixed-data case per regime and dtype (and channels_last).
+    for dtype in DTYPES:
+        limit = on_chip_limit(dtype, limits)
+        for group, shape in (("small", (6, 300)), ("window-top", (4, window_n(dtype, limits, 0))),
+                             ("limit+1", (3, limit + 1)), ("limit+1-batch-2sm", (sms2, limit + 1)),
+                             ("resnet50", (8, 2048, 7, 7))):
+            cases.append(Case(group + "-family", shape, dtype, "mixed", family=True))
+        cases.append(Case("limit+-4d-family", (5, limit // 49 + 1, 7, 7), dtype, "mixed", channels_last=True,
+                          family=True))
     for dtype in DTYPES:
         add("small-128t", (6, 300), dtype)
         add("small-256t", (5, 3000), dtype)

@@ -6,10 +6,11 @@ just over the on-chip limit: big, so only float32 and float16) and the chunked p
 samples just over the on-chip limit), in every dtype, with tied data (70% zeros, small integers)
 and continuous data, and one channels_last case per regime. Each case runs ASH-P, ASH-B and
 ASH-S out of place, in place and backward (block per sample: the backward of ASH-S only) and
-checks them against ash_ext.fallback (gpu_cases.check_case). The data are drawn and the fallback
+checks them against ash_ext.fallback (gpu_cases.check_case); the "-family" cases check per-sample k
+(with invalid ks), clamping, SCALE and topk_stats instead (gpu_cases.check_family). The data are drawn and the fallback
 runs on the CPU, so that the GPU runs little but ash_ext's kernels: quicker under the tools, and
-no reports from torch's own kernels. ``--quick`` (for racecheck, which is slow) runs 13 cases
-instead of 28, its block-per-sample case not in place. With ASH_CHECK_STOP_AT (Unix time) set, no case
+no reports from torch's own kernels. ``--quick`` (for racecheck, which is slow) runs 15 cases
+instead of 33, its block-per-sample case not in place. With ASH_CHECK_STOP_AT (Unix time) set, no case
 starts after that time. One line per case, "ok|MISMATCH|ERROR <label> <shape> <dtype> <regime>",
 then a "summary:" line; exit status 1 if any case failed.
 
@@ -57,6 +58,15 @@ def cases(limits: Limits, quick: bool) -> list:
         picks = [chunked[i % 3]] if quick else chunked
         out += [Case("chunked", (batch, limit + extra), dtype, kind) for (batch, extra), kind in picks]
     out.append(Case("chunked", (3,) + long_map, torch.float32, "mixed", channels_last=True))
+    # The shaping family (per-sample k, clamp, SCALE, topk_stats; gpu_cases.check_family) in every
+    # regime: small cases, mixed data (one kind per sample).
+    family = dict(family=True)
+    out.append(Case("on-chip-family", (5, 700), torch.float32, "mixed", **family))
+    out.append(Case("chunked-family", (3, f32_limit + 37), torch.float32, "mixed", **family))
+    if not quick:
+        out.append(Case("on-chip-family", (5, 3000), torch.float16, "mixed", **family))
+        f64_limit = on_chip_limit(torch.float64, limits)
+        out.append(Case("chunked-family", (3, f64_limit + 4099), torch.float64, "mixed", **family))
     # One block per sample: 2 x SMs samples of each kind of data (mixed), the backward of ASH-S only.
     sms2 = 2 * limits.sms
     big = dict(grads=("ash_s",), inplace=not quick)
@@ -64,6 +74,7 @@ def cases(limits: Limits, quick: bool) -> list:
     if not quick:
         f16_limit = on_chip_limit(torch.float16, limits)
         out.append(Case("block-per-sample", (sms2, f16_limit + 8), torch.float16, "mixed", **big))
+        out.append(Case("block-per-sample-family", (sms2, f32_limit + 8), torch.float32, "mixed", **family))
     return out
 
 

@@ -30,14 +30,24 @@ pytestmark = pytest.mark.skipif(not ash_ext.compiled_with_cuda(), reason="the CU
 # (multiprocessors, opt-in shared memory per block in bytes) of the GPUs the planner must serve.
 DEVICES = {"h100-sxm": (132, 232448), "h200": (132, 232448), "h100-pcie": (114, 232448), "a100": (108, 166912)}
 DTYPE_BYTES = {"float": 4, "c10::Half": 2, "c10::BFloat16": 2, "double": 8}
-FAMILIES = {"sample_per_block_kernel", "chunked_histogram_kernel", "chunked_sums_kernel", "chunked_output_kernel"}
+FAMILIES = {
+    "sample_per_block_kernel",
+    "chunked_histogram_kernel",
+    "chunked_sums_kernel",
+    "chunked_output_kernel",
+    "clamp_kernel",
+    "nan_fill_kernel",
+}
 MAX_THREADS = 512  # every kernel's __launch_bounds__ in csrc/cuda/ash_kernels.cuh
 
 
 def min_blocks_per_sm(kernel: dict) -> int:
     """The second __launch_bounds__ argument (ash_kernels.cuh): two blocks for the forward chunked
     and on-chip kernels (and the chunked histogram kernel), one for the others and for the
-    chunked output of 16-bit types."""
+    chunked output of 16-bit types; two for the clamp pass of regimes 2 and 3 and the chunked
+    pipeline's NaN fill of samples with an invalid k."""
+    if kernel["family"] in ("clamp_kernel", "nan_fill_kernel"):
+        return 2
     if kernel["family"] == "sample_per_block_kernel":
         return 2 if kernel["staged"] and not kernel["backward"] else 1
     if kernel["family"] == "chunked_output_kernel" and DTYPE_BYTES[kernel["dtype"]] == 2:
@@ -123,14 +133,17 @@ def test_every_kernel_was_found():
     found = kernels()
     families = {k["family"] for k in found}
     assert families == FAMILIES, families
-    # Per dtype: sample_per_block for 3 variants x forward/backward x staged or not (12); the
-    # histogram kernel's value and tie versions (2); sums where the variant needs them (forward
-    # and backward ASH-B and ASH-S: 4); output for 3 variants x forward/backward (6).
+    # Per dtype: sample_per_block for 4 variants (ASH-P, ASH-B, ASH-S, SCALE) x forward/backward
+    # x staged or not (16; topk_stats runs ASH-S's forward kernels, and the on-chip kernels clamp
+    # while staging, both under runtime flags); the histogram kernel's value and tie versions
+    # (2); sums where the variant needs them (forward and backward ASH-B, ASH-S, SCALE: 6);
+    # output for 4 variants x forward/backward (8); the clamp pass of regimes 2 and 3 (1); the
+    # chunked pipeline's NaN fill of samples whose per-sample k is invalid (1).
     per_arch = {}
     for k in found:
         per_arch.setdefault(k["arch"], []).append(k)
     for arch, listed in per_arch.items():
-        assert len(listed) == 4 * (12 + 2 + 4 + 6), (arch, len(listed))
+        assert len(listed) == 4 * (16 + 2 + 6 + 8 + 1 + 1), (arch, len(listed))
 
 
 def test_no_kernel_spills_or_keeps_a_stack_frame():
@@ -197,6 +210,8 @@ def test_every_plan_fits_the_compiled_kernels():
                         ]
                     else:
                         launched = by_family[("sample_per_block_kernel", dtype, plan["regime"] == "on-chip")]
+                        if plan["regime"] != "on-chip":  # a clamped op clamps in a pass of its own first
+                            launched = launched + by_family[("clamp_kernel", dtype, False)]
                     assert launched
                     where = f"{device} {dtype} batch {batch} n {n}: {plan}"
                     assert plan["dynamic_shared"] <= limit, where

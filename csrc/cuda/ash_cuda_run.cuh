@@ -48,17 +48,33 @@ class CudaLauncher {
   std::vector<at::Tensor> buffers_;
 };
 
+inline DeviceLimits current_device_limits() {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  return DeviceLimits{props->multiProcessorCount, static_cast<int64_t>(props->sharedMemPerBlockOptin)};
+}
+
 template <typename scalar_t>
 void run_ash_cuda(bool backward, Variant variant, const scalar_t* x, const scalar_t* grad, scalar_t* out,
-                  int64_t k, const SampleLayout& layout, const at::Tensor& like) {
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const DeviceLimits limits{props->multiProcessorCount, static_cast<int64_t>(props->sharedMemPerBlockOptin)};
+                  const ShapeArgs& args, const SampleLayout& layout, const at::Tensor& like) {
+  const DeviceLimits limits = current_device_limits();
   CudaLauncher launcher(like, limits);
+  const SampleKs ks{args.k_per_sample, args.k};
+  const ClampBounds<scalar_t> clamp = clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max);
   if (backward) {
-    run_variant<scalar_t, true>(launcher, limits, variant, x, grad, out, k, layout);
+    run_variant<scalar_t, true>(launcher, limits, variant, x, grad, out, ks, clamp, layout);
   } else {
-    run_variant<scalar_t, false>(launcher, limits, variant, x, grad, out, k, layout);
+    run_variant<scalar_t, false>(launcher, limits, variant, x, grad, out, ks, clamp, layout);
   }
+}
+
+template <typename scalar_t>
+void run_stats_cuda(const scalar_t* x, const ShapeArgs& args, const SampleLayout& layout, scalar_t* threshold,
+                    acc_type<scalar_t>* total, acc_type<scalar_t>* kept, const at::Tensor& like) {
+  const DeviceLimits limits = current_device_limits();
+  CudaLauncher launcher(like, limits);
+  run_stats<scalar_t>(launcher, limits, x, SampleKs{args.k_per_sample, args.k},
+                      clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max),
+                      StatsOutput<scalar_t>{threshold, total, kept}, layout);
 }
 
 }  // namespace cuda_detail

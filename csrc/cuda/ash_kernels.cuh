@@ -4,7 +4,16 @@
 // 11 bits per pass, that yields the threshold key T, `need` (how many elements equal to T are
 // kept) and the number of such ties. Where need < ties, a second radix select over the ties'
 // logical indices finds the cut that keeps the `need` ties with the smallest logical index. Then
-// the sums the variant needs are formed in a fixed order, and one pass writes the output.
+// the sums the variant needs are formed in a fixed order, and one pass writes the output (or,
+// for topk_stats, the sample's threshold and sums are stored instead).
+//
+// Per-sample k: each sample's k is read on the device (SampleKs), never by the host. k == 0 skips
+// the selection (the "keep nothing" selection below); a k outside [0, n] makes the sample NaN.
+// Clamping: the on-chip regime clamps while it stages the sample, so every pass sees clamped
+// values at no extra cost; the other two regimes first clamp the input into the output (or a
+// scratch copy, for topk_stats) with one elementwise kernel and then run unchanged on that copy.
+// That costs the clamped path one more read and write of the input, and keeps the kernels of the
+// unclamped path, and the number of kernels compiled, as they were.
 //
 // Three regimes, chosen on the host from the shape alone (plan_launch, launch_plan.h):
 //  1. on chip: a sample that fits in shared memory next to the histogram (up to the device's
@@ -56,6 +65,52 @@ __device__ __forceinline__ scalar_t zero_value() {
   return static_cast<scalar_t>(0.0f);
 }
 
+template <typename scalar_t>
+__host__ __device__ __forceinline__ scalar_t nan_value() {
+  return value_of_key<scalar_t>(static_cast<key_type<scalar_t>>(~key_type<scalar_t>(0)));
+}
+
+// Every sample's k: per_sample[b] (device memory) where per_sample is given, else uniform.
+struct SampleKs {
+  const int64_t* per_sample;
+  int64_t uniform;
+
+  __device__ __forceinline__ int64_t of(int64_t sample) const {
+    return per_sample != nullptr ? per_sample[sample] : uniform;
+  }
+};
+
+// A k the op cannot honour (only per-sample ks are unchecked): the sample becomes NaN.
+__host__ __device__ __forceinline__ bool invalid_k(int64_t k, int64_t n) {
+  return k < 0 || k > n;
+}
+
+// The clamp bounds in the input's dtype (clamp_bound, ash_semantics.h), when the op clamps.
+template <typename scalar_t>
+struct ClampBounds {
+  bool enabled;
+  scalar_t low;
+  scalar_t high;
+
+  __device__ __forceinline__ scalar_t operator()(scalar_t v) const { return clamp_value(v, low, high); }
+};
+
+// Where topk_stats stores each sample's threshold (x's dtype) and sums (the accumulation type);
+// null pointers when the op shapes instead.
+template <typename scalar_t>
+struct StatsOutput {
+  scalar_t* threshold;
+  acc_type<scalar_t>* total;
+  acc_type<scalar_t>* kept;
+
+  __device__ __forceinline__ bool wanted() const { return threshold != nullptr; }
+  __device__ __forceinline__ void store_nan(int64_t sample) const {
+    threshold[sample] = nan_value<scalar_t>();
+    total[sample] = nan_value<acc_type<scalar_t>>();
+    kept[sample] = nan_value<acc_type<scalar_t>>();
+  }
+};
+
 // What decides whether an element of a sample is kept, once the selection is done.
 template <typename scalar_t>
 struct SampleSelection {
@@ -73,6 +128,13 @@ struct SampleSelection {
     }
     return tie_cut == 0 || tie_key(*layout, n, offset) >= tie_cut;
   }
+
+  // The selection of k == 0, expressed so that kept() needs no test of its own: no key is above
+  // the largest one, and no tie key (at most n - 1) reaches a tie cut of n. Its threshold is the
+  // NaN key, which topk_stats reports as the NaN threshold that k == 0 calls for.
+  __device__ __forceinline__ static SampleSelection keep_nothing(int64_t n, const SampleLayout* layout) {
+    return SampleSelection{static_cast<key_t>(~key_t(0)), 0ull, static_cast<unsigned long long>(n), n, layout};
+  }
 };
 
 template <typename acc_t>
@@ -87,18 +149,21 @@ struct SampleSums {
 template <typename scalar_t, Variant kVariant, bool kBackward>
 struct AshOutput {
   using acc_t = acc_type<scalar_t>;
-  static constexpr bool kNeedsInputSum =
-      kVariant == Variant::Scale || (kVariant == Variant::Binarize && !kBackward);
-  static constexpr bool kNeedsAboveSum = kVariant == Variant::Scale;
+  // ASH-S and SCALE share their sums and factor; SCALE applies it to every element.
+  static constexpr bool kScaled = kVariant == Variant::Scale || kVariant == Variant::ScaleUnpruned;
+  static constexpr bool kNeedsInputSum = kScaled || (kVariant == Variant::Binarize && !kBackward);
+  static constexpr bool kNeedsAboveSum = kScaled;
   static constexpr bool kNeedsGradSum = kBackward && kVariant != Variant::Prune;
   static constexpr bool kNeedsSums = kNeedsInputSum || kNeedsAboveSum || kNeedsGradSum;
+  // SCALE's forward output does not depend on the selection.
+  static constexpr bool kNeedsMaskForOutput = kBackward || kVariant != Variant::ScaleUnpruned;
 
-  // Forward ASH-B: s1 / k. Forward ASH-S: exp(s1 / s2). Backward ASH-B: (sum of kept g) / k.
-  // Backward ASH-S: E = exp(s1 / s2).
+  // Forward ASH-B: s1 / k. Forward ASH-S and SCALE: scale_factor(s1, s2) = exp(s1 / s2).
+  // Backward ASH-B: (sum of kept g) / k. Backward ASH-S and SCALE: E = exp(s1 / s2).
   acc_t scale;
-  acc_t kept_shift;  // backward ASH-S: G * s1 / s2^2, subtracted from a kept element's g
-  acc_t everywhere;  // backward ASH-S: G / s2, added to every element
-  bool prune_only;   // backward ASH-S with s2 == 0: the gradient is ASH-P's
+  acc_t kept_shift;     // backward ASH-S, SCALE: G * s1 / s2^2, subtracted from a kept element's g
+  acc_t everywhere;     // backward ASH-S, SCALE: G / s2, added to every element
+  bool kept_sum_zero;   // backward ASH-S, SCALE with s2 == 0: the factor is a constant, grad = factor * g
 
   // Adds one element to the sums (g is ignored by the forward pass).
   __device__ __forceinline__ static void add(SampleSums<acc_t>& sums, const SampleSelection<scalar_t>& selection,
@@ -113,25 +178,38 @@ struct AshOutput {
       }
     }
     if constexpr (kNeedsGradSum) {
-      if (selection.kept(offset, x)) {
+      if constexpr (kVariant == Variant::ScaleUnpruned) {
+        sums.grad += static_cast<acc_t>(g) * x_acc;  // G over every element: each one is scaled
+      } else if (selection.kept(offset, x)) {
         sums.grad += kVariant == Variant::Scale ? static_cast<acc_t>(g) * x_acc : static_cast<acc_t>(g);
       }
     }
+  }
+
+  // s2, the sum of the k kept values: those above T plus the `need` ties at T (none for k == 0,
+  // whose T, the NaN key, must not enter the sum).
+  __device__ __forceinline__ static acc_t kept_sum(const SampleSums<acc_t>& sums,
+                                                   const SampleSelection<scalar_t>& selection) {
+    if (selection.need == 0ull) {
+      return sums.above;
+    }
+    return sums.above + static_cast<acc_t>(selection.need) *
+                            static_cast<acc_t>(value_of_key<scalar_t>(selection.threshold));
   }
 
   __device__ __forceinline__ static AshOutput make(const SampleSums<acc_t>& sums,
                                                    const SampleSelection<scalar_t>& selection, int64_t k) {
     AshOutput output{acc_t(1), acc_t(0), acc_t(0), false};
     if constexpr (kVariant == Variant::Binarize) {
-      output.scale = (kBackward ? sums.grad : sums.input) / static_cast<acc_t>(k);
-    } else if constexpr (kVariant == Variant::Scale) {
+      // k == 0 keeps nothing: the forward writes no fill, and the gradient is 0 (not 0 / 0).
+      output.scale = k == 0 ? acc_t(0) : (kBackward ? sums.grad : sums.input) / static_cast<acc_t>(k);
+    } else if constexpr (kScaled) {
       const acc_t s1 = sums.input;
-      const acc_t s2 = sums.above + static_cast<acc_t>(selection.need) *
-                                        static_cast<acc_t>(value_of_key<scalar_t>(selection.threshold));
+      const acc_t s2 = kept_sum(sums, selection);
       output.scale = scale_factor(s1, s2);
       if constexpr (kBackward) {
-        output.prune_only = s2 == acc_t(0);
-        if (!output.prune_only) {
+        output.kept_sum_zero = s2 == acc_t(0);
+        if (!output.kept_sum_zero) {
           output.kept_shift = sums.grad * s1 / (s2 * s2);
           output.everywhere = sums.grad / s2;
         }
@@ -153,15 +231,30 @@ struct AshOutput {
     }
   }
 
+  // SCALE: every element, kept or not.
+  __device__ __forceinline__ scalar_t forward_unpruned(scalar_t x) const {
+    return static_cast<scalar_t>(static_cast<acc_t>(x) * scale);
+  }
+
   __device__ __forceinline__ scalar_t backward(bool kept, scalar_t g) const {
     if constexpr (kVariant == Variant::Binarize) {
       return static_cast<scalar_t>(scale);
-    } else {
-      if (kVariant == Variant::Prune || prune_only) {
-        return kept ? g : zero_value<scalar_t>();
+    } else if constexpr (kVariant == Variant::Prune) {
+      return kept ? g : zero_value<scalar_t>();
+    } else if constexpr (kVariant == Variant::Scale) {
+      if (kept_sum_zero) {
+        // The factor (0 or 1) does not depend on x: the gradient is ASH-P's, scaled by it.
+        return kept ? static_cast<scalar_t>(scale * static_cast<acc_t>(g)) : zero_value<scalar_t>();
       }
       // A non-kept element gets only the G / s2 term (also when its g is not finite).
       const acc_t own = kept ? static_cast<acc_t>(g) - kept_shift : acc_t(0);
+      return static_cast<scalar_t>(scale * (own + everywhere));
+    } else {
+      if (kept_sum_zero) {
+        return static_cast<scalar_t>(scale * static_cast<acc_t>(g));
+      }
+      // Every element carries its own E g; only kept ones the -G s1 / s2^2 term of s2's change.
+      const acc_t own = kept ? static_cast<acc_t>(g) - kept_shift : static_cast<acc_t>(g);
       return static_cast<scalar_t>(scale * (own + everywhere));
     }
   }
@@ -219,15 +312,27 @@ __device__ __forceinline__ SampleSelection<scalar_t> select_in_block(const scala
   return selection;
 }
 
-// kStaged (regime 1): the sample is copied to shared memory first and every later pass reads the
-// copy. Otherwise (regime 2) every pass reads global memory. Dynamic shared memory: the histogram
-// (kNumBins counters), then the staged sample.
+// Writes NaN to the n elements of a sample whose k is invalid (a rare path: no packs).
+template <typename scalar_t>
+__device__ __forceinline__ void fill_nan(scalar_t* data, int64_t begin, int64_t end) {
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    data[i] = nan_value<scalar_t>();
+  }
+}
+
+// kStaged (regime 1): the sample is copied to shared memory first (clamped on the way where the
+// op clamps) and every later pass reads the copy. Otherwise (regime 2) every pass reads global
+// memory, and `clamp` is never enabled (the launch sequence has clamped the input already).
+// Dynamic shared memory: the histogram (kNumBins counters), then the staged sample.
+// `stats` (forward ASH-S only): store each sample's threshold and sums instead of its output.
 template <typename scalar_t, Variant kVariant, bool kBackward, bool kStaged>
 __global__ void __launch_bounds__(kMaxBlockThreads, kStaged && !kBackward ? kMinBlocksPerSmOnChip : 1)
     sample_per_block_kernel(const scalar_t* x, const scalar_t* grad, scalar_t* out, int64_t batch, int64_t n,
-                            int64_t k, const __grid_constant__ SampleLayout layout) {
+                            SampleKs ks, ClampBounds<scalar_t> clamp, StatsOutput<scalar_t> stats,
+                            const __grid_constant__ SampleLayout layout) {
   using acc_t = acc_type<scalar_t>;
   using Output = AshOutput<scalar_t, kVariant, kBackward>;
+  constexpr bool kMayStoreStats = kVariant == Variant::Scale && !kBackward;
   // (The backward pass reads two arrays, and its registers are tighter.)
   constexpr int kLoadsInFlight = kStaged ? 1 : (kBackward ? 2 : kGlobalLoadsInFlight);
   unsigned char* dynamic_shared = dynamic_shared_memory();
@@ -239,15 +344,37 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kStaged && !kBackward ? kMin
   for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
     const scalar_t* sample = x + b * n;
     const scalar_t* sample_grad = kBackward ? grad + b * n : nullptr;
-    scalar_t* sample_out = out + b * n;
+    scalar_t* sample_out = out != nullptr ? out + b * n : nullptr;  // null for topk_stats
+    const int64_t k = ks.of(b);  // the same for the whole block: every branch on it is uniform
+    if (invalid_k(k, n)) {
+      if constexpr (kMayStoreStats) {
+        if (stats.wanted()) {
+          if (threadIdx.x == 0) {
+            stats.store_nan(b);
+          }
+          continue;
+        }
+      }
+      fill_nan(sample_out, 0, n);
+      continue;
+    }
     if constexpr (kStaged) {
       __syncthreads();  // the previous sample's output pass may still be reading `staged`
-      copy_to_shared(sample, staged, n);
+      if constexpr (!kBackward) {
+        if (clamp.enabled) {
+          copy_to_shared(sample, staged, n, clamp);
+        } else {
+          copy_to_shared(sample, staged, n, [](scalar_t v) { return v; });
+        }
+      } else {
+        copy_to_shared(sample, staged, n, [](scalar_t v) { return v; });
+      }
       __syncthreads();
       sample = staged;
     }
     const SampleSelection<scalar_t> selection =
-        select_in_block<kLoadsInFlight>(sample, n, k, layout, hist, select_scratch);
+        k == 0 ? SampleSelection<scalar_t>::keep_nothing(n, &layout)
+               : select_in_block<kLoadsInFlight>(sample, n, k, layout, hist, select_scratch);
     Output output{};
     if constexpr (Output::kNeedsSums) {
       SampleSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
@@ -260,7 +387,18 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kStaged && !kBackward ? kMin
           Output::add(sums, selection, offset, value, value);
         });
       }
-      output = Output::make(block_sums<Output>(sums, sum_scratch), selection, k);
+      sums = block_sums<Output>(sums, sum_scratch);
+      if constexpr (kMayStoreStats) {
+        if (stats.wanted()) {
+          if (threadIdx.x == 0) {
+            stats.threshold[b] = value_of_key<scalar_t>(selection.threshold);
+            stats.total[b] = sums.input;
+            stats.kept[b] = Output::kept_sum(sums, selection);
+          }
+          continue;  // no output pass; the next sample's staging starts with a barrier
+        }
+      }
+      output = Output::make(sums, selection, k);
     }
     // Every read of the sample other than the output pass's own is behind a barrier by now (the
     // selection ends with one, block_sum starts with one), so in-place output is safe: each
@@ -270,6 +408,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kStaged && !kBackward ? kMin
                                         [&](int64_t offset, scalar_t value, scalar_t g) {
         return output.backward(selection.kept(offset, value), g);
       });
+    } else if constexpr (!Output::kNeedsMaskForOutput) {
+      map_elements<kLoadsInFlight>(sample, sample_out, 0, n,
+                                   [&](int64_t, scalar_t value) { return output.forward_unpruned(value); });
     } else {
       map_elements<kLoadsInFlight>(sample, sample_out, 0, n, [&](int64_t offset, scalar_t value) {
         return output.forward(selection.kept(offset, value), value);
@@ -327,7 +468,7 @@ __device__ __forceinline__ SampleSelection<scalar_t> load_selection(const Chunke
 // blockIdx.x % chunks of sample blockIdx.x / chunks.
 template <typename scalar_t, bool kTiePhase>
 __global__ void __launch_bounds__(kChunkThreads, kChunkBlocksResidentPerSm)
-    chunked_histogram_kernel(const scalar_t* x, int64_t n, int64_t chunk_len, int64_t chunks, int64_t k,
+    chunked_histogram_kernel(const scalar_t* x, int64_t n, int64_t chunk_len, int64_t chunks, SampleKs ks,
                              int key_bits, int pass, const __grid_constant__ SampleLayout layout,
                              ChunkedSampleState* states) {
   using key_t = key_type<scalar_t>;
@@ -336,6 +477,19 @@ __global__ void __launch_bounds__(kChunkThreads, kChunkBlocksResidentPerSm)
   const int64_t sample = blockIdx.x / chunks;
   const int64_t chunk = blockIdx.x % chunks;
   ChunkedSampleState* state = states + sample;
+  const int64_t k = ks.of(sample);
+  if (k == 0 || invalid_k(k, n)) {
+    // Nothing to select: the first pass stores the keep-nothing selection (see
+    // SampleSelection::keep_nothing; ties = 0 makes the tie phase leave too), and every block of
+    // the sample leaves every pass without arriving. The later kernels see an invalid k themselves.
+    if (!kTiePhase && pass == 0 && chunk == 0 && threadIdx.x == 0) {
+      state->threshold_key = static_cast<key_t>(~key_t(0));
+      state->need = 0ull;
+      state->ties = 0ull;
+      state->tie_cut = static_cast<unsigned long long>(n);
+    }
+    return;
+  }
 
   [[maybe_unused]] key_t threshold = 0;
   if constexpr (kTiePhase) {
@@ -418,14 +572,30 @@ __global__ void __launch_bounds__(kChunkThreads, kChunkBlocksResidentPerSm)
 template <typename scalar_t, Variant kVariant, bool kBackward>
 __global__ void __launch_bounds__(kChunkThreads, kBackward ? 1 : kChunkBlocksResidentPerSm)
     chunked_sums_kernel(const scalar_t* x, const scalar_t* grad, int64_t n, int64_t chunk_len, int64_t chunks,
-                        int64_t k, const __grid_constant__ SampleLayout layout, ChunkedSampleState* states,
-                        SampleSums<acc_type<scalar_t>>* partials, AshOutput<scalar_t, kVariant, kBackward>* outputs) {
+                        SampleKs ks, const __grid_constant__ SampleLayout layout, ChunkedSampleState* states,
+                        SampleSums<acc_type<scalar_t>>* partials, AshOutput<scalar_t, kVariant, kBackward>* outputs,
+                        StatsOutput<scalar_t> stats) {
   using acc_t = acc_type<scalar_t>;
   using Output = AshOutput<scalar_t, kVariant, kBackward>;
+  constexpr bool kMayStoreStats = kVariant == Variant::Scale && !kBackward;
   ASH_SHARED(sum_scratch, acc_t[kMaxWarpsPerBlock]);
   const int64_t sample = blockIdx.x / chunks;
   const int64_t chunk = blockIdx.x % chunks;
   ChunkedSampleState* state = states + sample;
+  const int64_t k = ks.of(sample);
+  if (invalid_k(k, n)) {
+    // NaN comes later (nan_fill_kernel); no block of the sample arrives (the counter stays 0).
+    // The output kernel still reads the sample's coefficients: they must be initialised.
+    if (chunk == 0 && threadIdx.x == 0) {
+      outputs[sample] = Output{};
+      if constexpr (kMayStoreStats) {
+        if (stats.wanted()) {
+          stats.store_nan(sample);
+        }
+      }
+    }
+    return;
+  }
   const SampleSelection<scalar_t> selection = load_selection<scalar_t>(state, n, &layout);
 
   const int64_t begin = chunk * chunk_len;
@@ -455,6 +625,13 @@ __global__ void __launch_bounds__(kChunkThreads, kBackward ? 1 : kChunkBlocksRes
       total.above += __ldcg(&own[c].above);
       total.grad += __ldcg(&own[c].grad);
     }
+    if constexpr (kMayStoreStats) {
+      if (stats.wanted()) {
+        stats.threshold[sample] = value_of_key<scalar_t>(selection.threshold);
+        stats.total[sample] = total.input;
+        stats.kept[sample] = Output::kept_sum(total, selection);
+      }
+    }
     outputs[sample] = Output::make(total, selection, k);
     // Atomic: the other blocks' arrivals are atomics, and a plain store would race with them in
     // the memory model (nothing orders it after their RMWs but the counts this block read).
@@ -470,19 +647,24 @@ __global__ void __launch_bounds__(kChunkThreads, kBackward || sizeof(scalar_t) =
   using Output = AshOutput<scalar_t, kVariant, kBackward>;
   const int64_t sample = blockIdx.x / chunks;
   const int64_t chunk = blockIdx.x % chunks;
+  const int64_t begin = chunk * chunk_len;
+  const int64_t end = min_int64(n, begin + chunk_len);
+  // A sample with an invalid k is shaped here as if nothing were kept; nan_fill_kernel overwrites
+  // it afterwards (a branch for it here cost the float64 ASH-S kernel a spill).
   const SampleSelection<scalar_t> selection = load_selection<scalar_t>(states + sample, n, &layout);
   Output output{};
   if constexpr (Output::kNeedsSums) {
     output = outputs[sample];
   }
-  const int64_t begin = chunk * chunk_len;
-  const int64_t end = min_int64(n, begin + chunk_len);
   // Each element is read and then written by the same thread, so `out` may alias `x`.
   if constexpr (kBackward) {
     map_element_pairs<1>(x + sample * n, grad + sample * n, out + sample * n, begin, end,
                       [&](int64_t offset, scalar_t value, scalar_t g) {
                         return output.backward(selection.kept(offset, value), g);
                       });
+  } else if constexpr (!Output::kNeedsMaskForOutput) {
+    map_elements<2>(x + sample * n, out + sample * n, begin, end,
+                    [&](int64_t, scalar_t value) { return output.forward_unpruned(value); });
   } else {
     map_elements<2>(x + sample * n, out + sample * n, begin, end, [&](int64_t offset, scalar_t value) {
       return output.forward(selection.kept(offset, value), value);
@@ -490,32 +672,78 @@ __global__ void __launch_bounds__(kChunkThreads, kBackward || sizeof(scalar_t) =
   }
 }
 
+// Regime 3 with per-sample ks: NaN over each sample whose k is outside [0, n], after the output
+// kernel, one block per chunk as there.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kChunkThreads, kChunkBlocksResidentPerSm)
+    nan_fill_kernel(scalar_t* out, int64_t n, int64_t chunk_len, int64_t chunks, SampleKs ks) {
+  const int64_t sample = blockIdx.x / chunks;
+  const int64_t chunk = blockIdx.x % chunks;
+  if (invalid_k(ks.of(sample), n)) {
+    const int64_t begin = chunk * chunk_len;
+    fill_nan(out + sample * n, begin, min_int64(n, begin + chunk_len));
+  }
+}
+
+// The clamped copy of `count` elements that regimes 2 and 3 run on: tiles of `tile` elements
+// (a multiple of every pack size) go to blocks in turn. `out` may alias `x`.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kChunkThreads, kChunkBlocksResidentPerSm)
+    clamp_kernel(const scalar_t* x, scalar_t* out, int64_t count, int64_t tile, ClampBounds<scalar_t> clamp) {
+  for (int64_t begin = static_cast<int64_t>(blockIdx.x) * tile; begin < count;
+       begin += static_cast<int64_t>(gridDim.x) * tile) {
+    map_elements(x, out, begin, min_int64(count, begin + tile), [&](int64_t, scalar_t value) { return clamp(value); });
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Launch planning and the launch sequence.
 
-// Runs ASH (kBackward: its backward; grad is then non-null) on every sample, k >= 1. A Launcher
-// provides
+// The clamp-pass tiles: 8 packs of 16 bytes per thread of a block.
+constexpr int64_t kClampTileBytes = int64_t(kChunkThreads) * 8 * 16;
+
+// Runs ASH (kBackward: its backward; grad is then non-null) on every sample, or, where
+// stats.wanted() (kVariant ASH-S, forward, out null), topk_stats. A Launcher provides
 //   void launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t shared_bytes,
 //               Args... args);        // on the op's stream, checked
 //   void* scratch(int64_t bytes, bool zeroed);  // device memory that outlives the launches
 template <typename scalar_t, Variant kVariant, bool kBackward, typename Launcher>
 void run_ash(Launcher& launcher, const DeviceLimits& limits, const scalar_t* x, const scalar_t* grad, scalar_t* out,
-             int64_t k, const SampleLayout& layout) {
+             SampleKs ks, ClampBounds<scalar_t> clamp, StatsOutput<scalar_t> stats, const SampleLayout& layout) {
   using acc_t = acc_type<scalar_t>;
   using Output = AshOutput<scalar_t, kVariant, kBackward>;
   const int64_t batch = layout.batch;
   const int64_t n = layout.n;
+  const bool want_stats = stats.threshold != nullptr;
+  TORCH_INTERNAL_ASSERT(!want_stats || (kVariant == Variant::Scale && !kBackward));
+  TORCH_INTERNAL_ASSERT(!(kBackward && clamp.enabled), "ash_ext: the backward is never clamped");
   const LaunchPlan plan = plan_launch(batch, n, static_cast<int64_t>(sizeof(scalar_t)), limits);
+  if (clamp.enabled && plan.regime != Regime::kOnChip) {
+    // Regimes 2 and 3 read the input in every pass: they run on a clamped copy instead (the
+    // output itself where there is one, which is then shaped in place).
+    const int64_t count = batch * n;
+    scalar_t* clamped = want_stats ? static_cast<scalar_t*>(launcher.scratch(
+                                         count * static_cast<int64_t>(sizeof(scalar_t)), /*zeroed=*/false))
+                                   : out;
+    const int64_t tile = kClampTileBytes / static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t grid = min_int64(ceil_div(count, tile), kChunkBlocksPerSm * limits.sm_count);
+    launcher.launch(&clamp_kernel<scalar_t>, static_cast<unsigned>(grid), static_cast<unsigned>(kChunkThreads), 0,
+                    x, clamped, count, tile, clamp);
+    x = clamped;
+    clamp.enabled = false;
+  }
   // Kernels 1 and 2 loop over samples when there are more than one launch's blocks.
   const unsigned sample_grid = static_cast<unsigned>(batch < INT_MAX ? batch : INT_MAX);
   if (plan.regime == Regime::kOnChip) {
     launcher.launch(&sample_per_block_kernel<scalar_t, kVariant, kBackward, true>, sample_grid,
-                    static_cast<unsigned>(plan.threads), plan.shared_bytes, x, grad, out, batch, n, k, layout);
+                    static_cast<unsigned>(plan.threads), plan.shared_bytes, x, grad, out, batch, n, ks, clamp, stats,
+                    layout);
     return;
   }
   if (plan.regime == Regime::kBlockPerSample) {
     launcher.launch(&sample_per_block_kernel<scalar_t, kVariant, kBackward, false>, sample_grid,
-                    static_cast<unsigned>(plan.threads), plan.shared_bytes, x, grad, out, batch, n, k, layout);
+                    static_cast<unsigned>(plan.threads), plan.shared_bytes, x, grad, out, batch, n, ks, clamp, stats,
+                    layout);
     return;
   }
 
@@ -527,12 +755,12 @@ void run_ash(Launcher& launcher, const DeviceLimits& limits, const scalar_t* x, 
       launcher.scratch(batch * static_cast<int64_t>(sizeof(ChunkedSampleState)), /*zeroed=*/true));
   const int value_bits = static_cast<int>(8 * sizeof(key_type<scalar_t>));
   for (int pass = 0; pass < digit_passes(value_bits); ++pass) {
-    launcher.launch(&chunked_histogram_kernel<scalar_t, false>, grid, threads, 0, x, n, chunk_len, chunks, k,
+    launcher.launch(&chunked_histogram_kernel<scalar_t, false>, grid, threads, 0, x, n, chunk_len, chunks, ks,
                     value_bits, pass, layout, states);
   }
   const int tie_bits = tie_key_bits(n);
   for (int pass = 0; pass < digit_passes(tie_bits); ++pass) {
-    launcher.launch(&chunked_histogram_kernel<scalar_t, true>, grid, threads, 0, x, n, chunk_len, chunks, k,
+    launcher.launch(&chunked_histogram_kernel<scalar_t, true>, grid, threads, 0, x, n, chunk_len, chunks, ks,
                     tie_bits, pass, layout, states);
   }
   Output* outputs = nullptr;
@@ -544,27 +772,53 @@ void run_ash(Launcher& launcher, const DeviceLimits& limits, const scalar_t* x, 
     auto* partials = reinterpret_cast<SampleSums<acc_t>*>(bytes);
     outputs = reinterpret_cast<Output*>(bytes + partial_bytes);
     launcher.launch(&chunked_sums_kernel<scalar_t, kVariant, kBackward>, grid, threads, 0, x, grad, n, chunk_len,
-                    chunks, k, layout, states, partials, outputs);
+                    chunks, ks, layout, states, partials, outputs, stats);
+  }
+  if (want_stats) {
+    return;  // topk_stats writes no output
   }
   launcher.launch(&chunked_output_kernel<scalar_t, kVariant, kBackward>, grid, threads, 0, x, grad, out, n,
                   chunk_len, chunks, layout, states, static_cast<const Output*>(outputs));
+  if (ks.per_sample != nullptr) {
+    launcher.launch(&nan_fill_kernel<scalar_t>, grid, threads, 0, out, n, chunk_len, chunks, ks);
+  }
+}
+
+// What run_variant and run_stats take from the op's ShapeArgs (ash.h), in device terms.
+template <typename scalar_t>
+ClampBounds<scalar_t> clamp_bounds(bool clamped, double clamp_min, double clamp_max) {
+  return ClampBounds<scalar_t>{clamped, clamp_bound<scalar_t>(clamp_min), clamp_bound<scalar_t>(clamp_max)};
 }
 
 template <typename scalar_t, bool kBackward, typename Launcher>
 void run_variant(Launcher& launcher, const DeviceLimits& limits, Variant variant, const scalar_t* x,
-                 const scalar_t* grad, scalar_t* out, int64_t k, const SampleLayout& layout) {
+                 const scalar_t* grad, scalar_t* out, SampleKs ks, ClampBounds<scalar_t> clamp,
+                 const SampleLayout& layout) {
+  const StatsOutput<scalar_t> no_stats{nullptr, nullptr, nullptr};
   switch (variant) {
     case Variant::Prune:
-      run_ash<scalar_t, Variant::Prune, kBackward>(launcher, limits, x, grad, out, k, layout);
+      run_ash<scalar_t, Variant::Prune, kBackward>(launcher, limits, x, grad, out, ks, clamp, no_stats, layout);
       return;
     case Variant::Binarize:
-      run_ash<scalar_t, Variant::Binarize, kBackward>(launcher, limits, x, grad, out, k, layout);
+      run_ash<scalar_t, Variant::Binarize, kBackward>(launcher, limits, x, grad, out, ks, clamp, no_stats, layout);
       return;
     case Variant::Scale:
-      run_ash<scalar_t, Variant::Scale, kBackward>(launcher, limits, x, grad, out, k, layout);
+      run_ash<scalar_t, Variant::Scale, kBackward>(launcher, limits, x, grad, out, ks, clamp, no_stats, layout);
+      return;
+    case Variant::ScaleUnpruned:
+      run_ash<scalar_t, Variant::ScaleUnpruned, kBackward>(launcher, limits, x, grad, out, ks, clamp, no_stats,
+                                                           layout);
       return;
   }
   TORCH_INTERNAL_ASSERT(false, "ash_ext: unknown variant ", static_cast<int64_t>(variant));
+}
+
+// topk_stats: ASH-S's forward kernels up to its sums (the very code and order of its factor),
+// storing threshold, s1 and s2 instead of shaping.
+template <typename scalar_t, typename Launcher>
+void run_stats(Launcher& launcher, const DeviceLimits& limits, const scalar_t* x, SampleKs ks,
+               ClampBounds<scalar_t> clamp, StatsOutput<scalar_t> stats, const SampleLayout& layout) {
+  run_ash<scalar_t, Variant::Scale, false>(launcher, limits, x, nullptr, nullptr, ks, clamp, stats, layout);
 }
 
 }  // namespace cuda_detail

@@ -251,10 +251,21 @@ __device__ __forceinline__ void map_element_pairs(const scalar_t* first, const s
   visit_range<true, true, (kLoadsInFlight + 1) / 2>(first, second, out, begin, end, fn);
 }
 
+template <typename scalar_t, typename Transform>
+__device__ __forceinline__ Pack<scalar_t> transform_pack(Pack<scalar_t> pack, Transform transform) {
+#pragma unroll
+  for (int j = 0; j < Pack<scalar_t>::kSize; ++j) {
+    pack.v[j] = transform(pack.v[j]);
+  }
+  return pack;
+}
+
 // Copies n elements from global memory into a 16-byte aligned shared buffer, several loads in
-// flight per thread.
-template <typename scalar_t>
-__device__ __forceinline__ void copy_to_shared(const scalar_t* source, scalar_t* shared, int64_t n) {
+// flight per thread, storing transform(value) for each (the clamp, where the op clamps: every
+// later pass then reads clamped values without repeating it).
+template <typename scalar_t, typename Transform>
+__device__ __forceinline__ void copy_to_shared(const scalar_t* source, scalar_t* shared, int64_t n,
+                                               Transform transform) {
   constexpr int kPackSize = Pack<scalar_t>::kSize;
   constexpr int kLoadsInFlight = 4;
   const int64_t packs = n / kPackSize;
@@ -270,14 +281,14 @@ __device__ __forceinline__ void copy_to_shared(const scalar_t* source, scalar_t*
     }
 #pragma unroll
     for (int u = 0; u < kLoadsInFlight; ++u) {
-      shared_packs[g + u * stride] = loaded[u];
+      shared_packs[g + u * stride] = transform_pack(loaded[u], transform);
     }
   }
   for (; g < packs; g += stride) {
-    shared_packs[g] = load_pack(source + g * kPackSize, aligned);
+    shared_packs[g] = transform_pack(load_pack(source + g * kPackSize, aligned), transform);
   }
   for (int64_t i = packs * kPackSize + threadIdx.x; i < n; i += blockDim.x) {
-    shared[i] = source[i];
+    shared[i] = transform(source[i]);
   }
 }
 

@@ -75,37 +75,45 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// As ash_cuda.cu: no host-side shortcut on k; the kernels read per-sample ks themselves (here
+// from the CPU tensor the front end passes, which stands in for device memory).
 void forward_emulated(const at::Tensor& x, const at::Tensor& out, const ShapeArgs& args, Variant variant,
                       const SampleLayout& layout) {
-  TORCH_CHECK(args.k_per_sample == nullptr && !args.clamped && variant != Variant::ScaleUnpruned,
-              "ash_ext: not implemented yet on CUDA");
-  const int64_t k = args.k;
-  if (k == 0) {
-    out.zero_();
-    return;
-  }
   EmulatedLauncher launcher(x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    cuda_detail::run_variant<scalar_t, false>(launcher, g_limits, variant, x.data_ptr<scalar_t>(), nullptr,
-                                              out.data_ptr<scalar_t>(), k, layout);
+    cuda_detail::run_variant<scalar_t, false>(
+        launcher, g_limits, variant, x.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(),
+        cuda_detail::SampleKs{args.k_per_sample, args.k},
+        cuda_detail::clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max), layout);
   });
 }
 
 void backward_emulated(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& grad_x, const ShapeArgs& args,
                        Variant variant, const SampleLayout& layout) {
-  TORCH_CHECK(args.k_per_sample == nullptr && variant != Variant::ScaleUnpruned,
-              "ash_ext: not implemented yet on CUDA");
-  const int64_t k = args.k;
-  if (k == 0) {
-    grad_x.zero_();
-    return;
-  }
+  TORCH_INTERNAL_ASSERT(!args.clamped);
   EmulatedLauncher launcher(x);
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    cuda_detail::run_variant<scalar_t, true>(launcher, g_limits, variant, x.data_ptr<scalar_t>(),
-                                             grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), k, layout);
+    cuda_detail::run_variant<scalar_t, true>(
+        launcher, g_limits, variant, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
+        cuda_detail::SampleKs{args.k_per_sample, args.k},
+        cuda_detail::clamp_bounds<scalar_t>(false, args.clamp_min, args.clamp_max), layout);
+  });
+}
+
+void stats_emulated(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& layout,
+                    const at::Tensor& threshold, const at::Tensor& total, const at::Tensor& kept) {
+  EmulatedLauncher launcher(x);
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type<scalar_t>;
+    cuda_detail::run_stats<scalar_t>(
+        launcher, g_limits, x.data_ptr<scalar_t>(), cuda_detail::SampleKs{args.k_per_sample, args.k},
+        cuda_detail::clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max),
+        cuda_detail::StatsOutput<scalar_t>{threshold.data_ptr<scalar_t>(), total.data_ptr<acc_t>(),
+                                           kept.data_ptr<acc_t>()},
+        layout);
   });
 }
 
@@ -127,9 +135,26 @@ std::vector<std::string> take_launch_log() {
   return log;
 }
 
-void stats_emulated(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& layout,
-                    const at::Tensor& threshold, const at::Tensor& total, const at::Tensor& kept) {
-  TORCH_CHECK(false, "ash_ext: topk_stats is not implemented yet on CUDA");
+// The kernels on contiguous tensors without the front end, for what the front end rejects on the
+// CPU but the CUDA kernels must handle: per-sample ks outside [0, n] (NaN samples). k_per_sample
+// is a contiguous int64 [batch] tensor; variant -1 runs topk_stats into (out, total, kept).
+void run_unchecked(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& out, const at::Tensor& k_per_sample,
+                   int64_t variant, const at::Tensor& total, const at::Tensor& kept) {
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && k_per_sample.is_contiguous() &&
+              k_per_sample.scalar_type() == at::kLong && k_per_sample.numel() == x.size(0));
+  SampleLayout layout;
+  layout.batch = x.size(0);
+  layout.n = x.numel() / x.size(0);
+  ShapeArgs args;
+  args.k_per_sample = k_per_sample.const_data_ptr<int64_t>();
+  if (variant < 0) {
+    stats_emulated(x, args, layout, out, total, kept);
+  } else if (grad.defined() && grad.numel() > 0) {
+    TORCH_CHECK(grad.is_contiguous());
+    backward_emulated(grad, x, out, args, static_cast<Variant>(variant), layout);
+  } else {
+    forward_emulated(x, out, args, static_cast<Variant>(variant), layout);
+  }
 }
 
 }  // namespace
@@ -142,5 +167,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_device_limits", &set_device_limits, "Emulated SM count and per-block shared memory limit");
   m.def("plan", &plan, "The CUDA backend's launch plan for a shape");
   m.def("take_launch_log", &take_launch_log, "Launches since the last call, as 'grid x block + shared'");
+  m.def("run_unchecked", &run_unchecked, "The kernels without the front end's checks (contiguous tensors)");
   m.def("seed", [](int64_t seed) { emu::Runtime::get().seed(static_cast<uint64_t>(seed)); });
 }

@@ -145,6 +145,38 @@ BUGS = (
         ),
         r"lowers the dynamic shared-memory limit",
     ),
+    # The shaping family (per-sample k, clamp, SCALE): caught by the comparisons with
+    # spec_reference.py in the family cases.
+    PlantedBug(
+        "chunked pipeline selects every sample with the first sample's k",
+        "per-sample ks differing within one launch (family cases, chunked regime)",
+        "none",
+        "smoke",
+        "csrc/cuda/ash_kernels.cuh",
+        (("  const int64_t k = ks.of(sample);\n  if (k == 0 || invalid_k(k, n)) {",
+          "  const int64_t k = ks.of(0);\n  if (k == 0 || invalid_k(k, n)) {"),),
+        r"FAIL family .* chunked",
+    ),
+    PlantedBug(
+        "clamp pass only for the chunked regime",
+        "clamped cases in every regime, and op(x, clamp) == op(x.clamp()) bit for bit",
+        "none",
+        "smoke",
+        "csrc/cuda/ash_kernels.cuh",
+        (("  if (clamp.enabled && plan.regime != Regime::kOnChip) {",
+          "  if (clamp.enabled && plan.regime == Regime::kChunked) {"),),
+        r"FAIL family .* block-per-sample .* clamp",
+    ),
+    PlantedBug(
+        "SCALE backward sums G over the kept elements only",
+        "SCALE's backward against the spec's formula",
+        "none",
+        "smoke",
+        "csrc/cuda/ash_kernels.cuh",
+        (("        sums.grad += static_cast<acc_t>(g) * x_acc;  // G over every element: each one is scaled",
+          "        if (selection.kept(offset, x)) sums.grad += static_cast<acc_t>(g) * x_acc;"),),
+        r"FAIL family .* scale backward",
+    ),
 )
 
 

@@ -31,6 +31,8 @@ import types
 
 import torch
 
+import spec_reference
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
@@ -279,6 +281,219 @@ def shapes_for(dtype, case_set: str):
     return [s for s in shapes if s[0] in keep]
 
 
+def family_shapes(dtype, case_set: str):
+    """(label, shape) for the shaping family's cases: every regime with batch >= 3, so that the
+    per-sample ks differ within one launch (the chunked one with several chunks per sample)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    limit = on_chip_limit(element, SMALL_SHARED_PER_BLOCK)
+    shapes = [
+        ("on-chip", (5, 37)),
+        ("on-chip 4-D", (3, 16, 4, 4)),
+        ("block-per-sample", (4, limit + 1)),
+        ("chunked", (3, limit + 1)),
+    ]
+    keep = {
+        "full": [label for label, _ in shapes],
+        "quick": ["on-chip", "block-per-sample", "chunked"],
+        "sanitize": ["on-chip", "block-per-sample", "chunked"],
+        "smoke": ["on-chip", "block-per-sample", "chunked"],
+    }[case_set]
+    return [s for s in shapes if s[0] in keep]
+
+
+def per_sample_ks(batch: int, n: int, rotate: int = 0) -> torch.Tensor:
+    """Per-sample ks with k = 0 and k = n among them (k = 1 and a middle k where batch allows)."""
+    pool = [int(round(n * 0.35)), 0, n, 1, int(round(n * 0.1)), n - 1]
+    pool = pool[rotate % len(pool):] + pool[:rotate % len(pool)]
+    return torch.tensor([pool[b % len(pool)] for b in range(batch)], dtype=torch.int64)
+
+
+def clamp_configs(x: torch.Tensor):
+    """(label, low, high): low only, high only, both; the bounds are values of x itself, so that
+    values equal to a bound (and ties made by clamping) occur."""
+    finite = x[torch.isfinite(x)].double().sort().values
+    low = float(finite[len(finite) * 3 // 10])
+    high = float(finite[len(finite) * 8 // 10])
+    if low == high:
+        high = low + 1.0
+    return [("low", low, None), ("high", None, high), ("both", low, high)]
+
+
+def family_input(kind: str, shape, dtype, generator) -> torch.Tensor:
+    x = make_input(kind, shape, dtype, generator)
+    if kind == "integers" and x.shape[0] > 1:
+        x[1] = -x[1].abs() - 1  # a negative sample: s1 < 0, and SCALE's factor 0 where s2 is 0
+    return x
+
+
+class FamilyChecker:
+    """The shaping family's cases (per-sample k, clamp, SCALE, topk_stats) against
+    spec_reference, written from the spec."""
+
+    def __init__(self, checker: Checker, module):
+        self.checker = checker
+        self.module = module
+
+    def forward(self, label, x, ks, variant, low=None, high=None, inplace=False):
+        c = self.checker
+
+        def go():
+            c.regimes_seen.add(c.regime(x))
+            want = spec_reference.forward(x, ks, variant, low, high)
+            k, per_sample = (ks, None) if isinstance(ks, int) else (0, ks)
+            if inplace:
+                got = x.clone()
+                torch.ops.ash_ext.ash_(got, k, spec_reference.VARIANT_IDS[variant], per_sample, low, high)
+            else:
+                got = torch.ops.ash_ext.ash(x, k, spec_reference.VARIANT_IDS[variant], per_sample, low, high)
+            c.compare(f"{label} values", got, want, variant, x.dtype)
+            if variant == "ash-p":
+                return
+            # Clamping in the op is the op on the clamped input, bit for bit.
+            if low is not None or high is not None:
+                plain = torch.ops.ash_ext.ash(spec_reference.clamp(x, low, high), k,
+                                              spec_reference.VARIANT_IDS[variant], per_sample)
+                c.compare(f"{label} == op(x.clamp())", got, plain, variant, x.dtype, exact=True)
+
+        c.run(label, go)
+
+    def backward(self, label, x, ks, variant):
+        c = self.checker
+
+        def go():
+            c.regimes_seen.add(c.regime(x))
+            generator = torch.Generator().manual_seed(7)
+            grad = torch.empty_like(x).copy_(torch.randn(x.shape, generator=generator, dtype=torch.float64))
+            k, per_sample = (ks, None) if isinstance(ks, int) else (0, ks)
+            got = torch.ops.ash_ext.ash_backward(grad, x, k, spec_reference.VARIANT_IDS[variant], per_sample)
+            c.compare(f"{label} grad", got, spec_reference.backward(grad, x, ks, variant), "scale", x.dtype)
+
+        c.run(label, go)
+
+    def stats(self, label, x, ks, low=None, high=None):
+        c = self.checker
+
+        def go():
+            c.regimes_seen.add(c.regime(x))
+            k, per_sample = (ks, None) if isinstance(ks, int) else (0, ks)
+            got = torch.ops.ash_ext.topk_stats(x, k, per_sample, low, high)
+            self.compare_stats(label, x, got, spec_reference.stats(x, ks, low, high))
+
+        c.run(label, go)
+
+    def compare_stats(self, label, x, got, want):
+        c = self.checker
+        threshold, total, kept = got
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        c.count += 1
+        problems = []
+        if threshold.dtype != x.dtype or total.dtype != acc or kept.dtype != acc:
+            problems.append(f"dtypes {threshold.dtype}, {total.dtype}, {kept.dtype}")
+        if not torch.equal(torch.isnan(threshold), torch.isnan(want[0])) or not torch.equal(
+            torch.nan_to_num(threshold, nan=0.0), torch.nan_to_num(want[0], nan=0.0)
+        ):
+            problems.append(f"threshold {threshold.tolist()} != {want[0].tolist()}")
+        if threshold.dtype == x.dtype and torch.signbit(threshold[threshold == 0]).any():
+            problems.append("a threshold of -0.0")
+        # Sums: the kernel's order in its accumulation type vs float64.
+        scale = spec_reference.clamp(x, None, None).reshape(x.shape[0], -1).double().abs().nan_to_num(
+            nan=0.0, posinf=0.0, neginf=0.0).sum(1)
+        eps = 1e-12 if acc == torch.float64 else 2e-6
+        for name, value, reference in (("total", total, want[1]), ("kept", kept, want[2])):
+            value = value.double()
+            same_nan = torch.equal(torch.isnan(value), torch.isnan(reference))
+            finite = torch.isfinite(reference)
+            close = (value[finite] - reference[finite]).abs() <= eps * (scale[finite] + 1)
+            same_inf = torch.equal(value[~finite & ~torch.isnan(reference)], reference[~finite & ~torch.isnan(reference)])
+            if not (same_nan and bool(close.all()) and same_inf):
+                problems.append(f"{name} {value.tolist()} != {reference.tolist()}")
+        if problems:
+            c.failures.append(f"{label}: {'; '.join(problems)[:600]}")
+            print(f"FAIL {label}\n" + "\n".join(problems), flush=True)
+
+    def unchecked(self, label, x, ks, variant, backward=False):
+        """A per-sample k outside [0, n] (unchecked on CUDA): that sample is NaN."""
+        c = self.checker
+
+        def go():
+            c.regimes_seen.add(c.regime(x))
+            empty = torch.empty(0, dtype=x.dtype)
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            if variant == "stats":
+                threshold = torch.empty(x.shape[0], dtype=x.dtype)
+                total = torch.empty(x.shape[0], dtype=acc)
+                kept = torch.empty(x.shape[0], dtype=acc)
+                self.module.run_unchecked(x, empty, threshold, ks, -1, total, kept)
+                self.compare_stats(label, x, (threshold, total, kept), spec_reference.stats(x, ks))
+                return
+            out = torch.empty_like(x)
+            vid = spec_reference.VARIANT_IDS[variant]
+            if backward:
+                grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(x.dtype)
+                self.module.run_unchecked(x, grad, out, ks, vid, empty, empty)
+                want = spec_reference.backward(grad, x, ks, variant)
+            else:
+                self.module.run_unchecked(x, empty, out, ks, vid, empty, empty)
+                want = spec_reference.forward(x, ks, variant)
+            c.compare(f"{label} values", out, want, "scale", x.dtype)
+
+        c.run(label, go)
+
+
+def run_family_checks(checker: Checker, module, case_set: str, dtypes, generator) -> None:
+    family = FamilyChecker(checker, module)
+    kinds = {
+        "full": ("relu", "integers", "special", "normal"),
+        "quick": ("relu", "integers", "special"),
+        "sanitize": ("integers",),
+        "smoke": ("relu", "integers"),
+    }[case_set]
+    variants = tuple(spec_reference.VARIANT_IDS)
+    for dtype in dtypes:
+        for label, shape in family_shapes(dtype, case_set):
+            t0 = time.time()
+            for kind_index, kind in enumerate(kinds):
+                x = family_input(kind, shape, dtype, generator)
+                batch, n = x.shape[0], x[0].numel()
+                where = f"family {dtype} {label} {shape} {kind}"
+                ks = per_sample_ks(batch, n, rotate=kind_index)
+                clamps = clamp_configs(x)
+                for v, variant in enumerate(variants if case_set != "sanitize" else ("ash-s", "scale")):
+                    family.forward(f"{where} {variant} ks={ks.tolist()}", x, ks, variant)
+                    name, low, high = clamps[(v + kind_index) % len(clamps)]
+                    family.forward(f"{where} {variant} ks clamp {name} [{low}, {high}]", x, ks, variant, low, high)
+                    family.backward(f"{where} {variant} backward ks={ks.tolist()}", x, ks, variant)
+                name, low, high = clamps[kind_index % len(clamps)]
+                family.forward(f"{where} scale uniform k clamp {name} in-place", x, kept_count(n, 0.65), "scale",
+                               low, high, inplace=True)
+                family.forward(f"{where} ash-p ks clamp both in-place", x, ks, "ash-p", *clamps[2][1:], inplace=True)
+                family.forward(f"{where} scale k=0", x, 0, "scale")
+                family.backward(f"{where} scale backward k=0", x, 0, "scale")
+                family.stats(f"{where} stats ks", x, ks)
+                family.stats(f"{where} stats ks clamp {name}", x, ks, low, high)
+                family.stats(f"{where} stats uniform k", x, kept_count(n, 0.65))
+                family.stats(f"{where} stats k=0", x, 0)
+                if kind == kinds[0]:
+                    bad = ks.clone()
+                    bad[0] = -1
+                    bad[-1] = n + 1
+                    for variant in ("ash-b", "scale", "stats"):
+                        family.unchecked(f"{where} invalid ks {bad.tolist()} {variant}", x, bad, variant)
+                    family.unchecked(f"{where} invalid ks {bad.tolist()} ash-s backward", x, bad, "ash-s", True)
+            print(f"family {dtype} {label} {shape}: {time.time() - t0:.1f}s", flush=True)
+    if case_set == "sanitize":
+        return
+    # channels_last: the tie rule in logical order, with per-sample ks and clamping.
+    for label, shape in (("on-chip", (3, 24, 5, 7)), ("block-per-sample", (4, 64, 15, 15)), ("chunked", (3, 64, 15, 15))):
+        x = make_input("integers", shape, torch.float32, generator).to(memory_format=torch.channels_last)
+        ks = per_sample_ks(shape[0], x[0].numel())
+        for variant in ("ash-p", "scale"):
+            family.forward(f"family channels_last {label} {variant}", x, ks, variant, -1.0, 2.0)
+            family.forward(f"family channels_last {label} {variant} in-place", x, ks, variant, -1.0, 2.0, inplace=True)
+            family.backward(f"family channels_last {label} {variant} backward", x, ks, variant)
+        family.stats(f"family channels_last {label} stats", x, ks, -1.0, 2.0)
+
+
 def run_checks(module, fallback, case_set: str, dtypes) -> Checker:
     checker = Checker(module, fallback)
     generator = torch.Generator().manual_seed(1234)
@@ -306,6 +521,7 @@ def run_checks(module, fallback, case_set: str, dtypes) -> Checker:
                 if case_set == "sanitize":
                     checker.forward(x, 0.65, "ash-p", f"{dtype} {label} {kind} in-place", inplace=True)
             print(f"{dtype} {label} {shape}: {time.time() - t0:.1f}s", flush=True)
+    run_family_checks(checker, module, case_set, dtypes, generator)
     if case_set == "sanitize":
         x = make_input("integers", (1, 64, 15, 15), dtypes[0], generator).to(memory_format=torch.channels_last)
         checker.forward(x, 0.65, "ash-b", "channels_last chunked integers")
@@ -364,6 +580,10 @@ def run_checks(module, fallback, case_set: str, dtypes) -> Checker:
     for variant in VARIANTS:
         checker.forward(x, 0.65, variant, f"H100 on-chip [2, 640, 8, 8] {variant}")
     checker.backward(x, 0.65, "ash-s", "H100 on-chip [2, 640, 8, 8]")
+    family = FamilyChecker(checker, module)
+    ks = torch.tensor([kept_count(x[0].numel(), 0.65), 0])
+    family.forward("H100 on-chip [2, 640, 8, 8] scale ks clamp", x, ks, "scale", 0.5, 2.0)
+    family.stats("H100 on-chip [2, 640, 8, 8] stats ks clamp", x, ks, 0.5, 2.0)
     return checker
 
 
