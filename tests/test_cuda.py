@@ -342,3 +342,78 @@ def test_run_to_run_bit_identity(shape, name):
     (g1,) = torch.autograd.grad(fn(leaf, 0.65), leaf, grad)
     (g2,) = torch.autograd.grad(fn(leaf, 0.65), leaf, grad)
     assert torch.equal(g1, g2)
+
+
+# --------------------------------------------------------------------------------------------
+# The shaping family on CUDA: SCALE, clip, per-sample percentiles, topk_stats, LTS, ReAct's fit
+# --------------------------------------------------------------------------------------------
+
+FAMILY_SHAPES = [s for i, s in regime_shapes() if i in ("pooled", "onchip-limit+1", "chunked-2048x7x7",
+                                                          "block-per-sample-at-switch")]
+
+
+@pytest.mark.parametrize("shape", FAMILY_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["relu", "integers", "special"])
+def test_family_matches_the_fallback_without_host_sync(shape, dtype, kind):
+    x = make(kind, shape, dtype, seed=len(shape) + len(kind))
+    fractions = torch.rand(shape[0], device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    fractions[0] = 0.0
+    fractions[-1] = 1.0
+    calls = {
+        "scale": lambda f, p: f.scale(x, p),
+        "ash_s clip": lambda f, p: f.ash_s(x, p, clip=1.0),
+        "ash_b clip": lambda f, p: f.ash_b(x, p, clip=0.5),
+        "scale clip": lambda f, p: f.scale(x, p, clip=2.0),
+    }
+    for label, call in calls.items():
+        for percentile in (0.65, fractions):
+            torch.cuda.set_sync_debug_mode("error")  # a host synchronisation inside raises
+            try:
+                got = call(ash_ext, percentile)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            want = call(fallback, percentile)
+            assert_matches(label, got, want)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = ash_ext.topk_stats(x, fractions, clip=1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = fallback.topk_stats(x, stats.k, None, 1.0)
+    torch.testing.assert_close(stats.threshold, want[0], rtol=0, atol=0, equal_nan=True)
+    tol = TOLERANCE[torch.float64 if dtype == torch.float64 else torch.float32]
+    torch.testing.assert_close(stats.total, want[1], equal_nan=True, **tol)
+    torch.testing.assert_close(stats.kept, want[2], equal_nan=True, **tol)
+
+
+def test_family_invalid_fraction_gives_a_nan_sample_on_cuda():
+    x = make("relu", (3, 100), seed=2)
+    fractions = torch.tensor([0.5, 1.5, float("nan")], device="cuda")
+    for name in ("ash_p", "ash_s", "scale"):
+        out = getattr(ash_ext, name)(x, fractions)
+        assert not torch.isnan(out[0]).any() and torch.isnan(out[1:]).all()
+    stats = ash_ext.topk_stats(x, fractions)
+    assert torch.isnan(stats.threshold[1:]).all() and torch.isnan(stats.kept[1:]).all()
+
+
+def test_lts_factor_and_react_threshold_on_cuda():
+    import numpy as np
+
+    z = make("normal", (64, 768), torch.float32, seed=3)
+    torch.testing.assert_close(ash_ext.lts_factor(z, 0.05), ash_ext.lts_factor(z.cpu(), 0.05).cuda(),
+                               rtol=1e-5, atol=0)
+    acts = make("relu", (100, 2048), torch.float32, seed=4)
+    assert ash_ext.react_threshold(acts, 0.9) == float(np.percentile(acts.cpu().numpy(), 90))
+
+
+@pytest.mark.parametrize("shape", FAMILY_SHAPES[:3], ids=str)
+def test_family_gradients_match_the_fallback(shape):
+    x = make("normal", shape, torch.float64, seed=5)
+    fractions = torch.full((shape[0],), 0.7, device="cuda", dtype=torch.float64)
+    for name, kwargs in (("scale", {}), ("ash_s", {"clip": 0.5}), ("scale", {"clip": 1.0})):
+        leaf = x.clone().requires_grad_()
+        (got,) = torch.autograd.grad(getattr(ash_ext, name)(leaf, fractions, **kwargs).square().sum(), leaf)
+        leaf2 = x.clone().requires_grad_()
+        (want,) = torch.autograd.grad(getattr(fallback, name)(leaf2, fractions, **kwargs).square().sum(), leaf2)
+        torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
