@@ -1,5 +1,5 @@
 # Set-up, build, tests and the benchmark, for a fresh machine with Python 3 and a C++ compiler.
-#   make bench   - the main job: ash_ext against the reference (python -m ash_ext bench)
+#   make bench   - the main job: ash_ext and the shaping family against their references (python -m ash_ext bench --methods all)
 #   make test    - lint and the test suite, with the CUDA kernels' quick emulation runs and
 #                  resource checks (EMULATION=off skips the emulation, EMULATION=full runs it all)
 #   make planted-bugs - shows each check of the CUDA emulator catching a bug planted for it
@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
-BENCH_ARGS ?=
+BENCH_ARGS ?= --methods all
 EMULATION ?= quick
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
