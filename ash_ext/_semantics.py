@@ -14,6 +14,7 @@ import numbers
 from typing import Optional, Union
 
 import torch
+from torch import Tensor
 
 #: Variant names, as pytorch-ood spells them, and the codes the compiled op takes ("scale" is
 #: SCALE: ASH-S's factor on every value, nothing pruned).
@@ -42,6 +43,30 @@ def check_percentile(percentile: object) -> float:
         hint = f"; use {value / 100:g} instead of {value:g}" if 1.0 < value <= 100.0 else ""
         raise ValueError(f"percentile must be a fraction in [0, 1] (the fraction pruned), got {percentile!r}{hint}")
     return value
+
+
+def check_fraction(name: str, value: object) -> float:
+    """Return ``value`` (a real number or a 0-d floating tensor) as a float in [0, 1].
+
+    ``TypeError`` for other types (bool, strings, lists, complex, tensors with elements other
+    than one), ``ValueError`` for values outside [0, 1], NaN and infinities, naming the value.
+    """
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(
+                f"{name} must be a real number or a 0-d floating tensor, got a tensor of shape "
+                f"{tuple(value.shape)} and dtype {value.dtype}"
+            )
+        value = float(value)
+    if name == "percentile":
+        return check_percentile(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r} of type {type(value).__name__}")
+    number = float(value)
+    if not math.isfinite(number) or not 0.0 <= number <= 1.0:
+        hint = f"; use {number / 100:g} instead of {number:g}" if 1.0 < number <= 100.0 else ""
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}{hint}")
+    return number
 
 
 def check_variant(variant: object) -> str:
@@ -121,7 +146,7 @@ def _percentile_tensor_k(x: torch.Tensor, n: int, percentile: torch.Tensor, name
         if percentile.device.type != "cpu":
             raise ValueError(f"{name} is a 0-d tensor on {percentile.device} but x is on {x.device}")
         value = float(percentile)
-        _check_fraction(name, value)
+        check_fraction(name, value)
         work = percentile.detach().to(torch.float64 if percentile.dtype == torch.float64 else torch.float32)
         return n - int(torch.round(work * n))
     if percentile.dim() not in (0, 1) or (percentile.dim() == 1 and percentile.shape[0] != batch):
@@ -147,12 +172,6 @@ def _percentile_tensor_k(x: torch.Tensor, n: int, percentile: torch.Tensor, name
     # invalid fraction gives k = -1, and the CUDA kernels fill that sample with NaN.
     ks = n - torch.round(torch.where(valid, work, 0.0) * n).to(torch.int64)
     return torch.where(valid, ks, -1)
-
-
-def _check_fraction(name: str, value: float) -> float:
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
-    return value
 
 
 def resolve_kept_counts(x: torch.Tensor, percentile: object) -> KeptCounts:

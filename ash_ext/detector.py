@@ -19,7 +19,7 @@ from torch.nn import Module
 
 from . import functional
 from . import percentile as quantiles
-from ._semantics import check_variant
+from ._semantics import check_fraction, check_variant
 from .detector_base import (
     DetectorInfo,
     FeatureMapsDetector,
@@ -27,7 +27,6 @@ from .detector_base import (
     ModelNotSetException,
     Paper,
     RequiresFittingException,
-    check_fraction,
     check_threshold,
     interop_exception,
     on_detector_device,

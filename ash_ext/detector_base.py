@@ -32,8 +32,6 @@ import torch
 from torch import Tensor
 from torch.nn import Module, Parameter
 
-from ._semantics import check_percentile
-
 log = logging.getLogger(__name__)
 
 Self = TypeVar("Self", bound="Detector")
@@ -106,30 +104,6 @@ class DetectorInfo:
 # --------------------------------------------------------------------------------------------
 # Argument checks
 # --------------------------------------------------------------------------------------------
-
-
-def check_fraction(name: str, value: object) -> float:
-    """Return ``value`` (a real number or a 0-d floating tensor) as a float in [0, 1].
-
-    ``TypeError`` for other types (bool, strings, lists, complex, tensors with elements other
-    than one), ``ValueError`` for values outside [0, 1], NaN and infinities, naming the value.
-    """
-    if isinstance(value, Tensor):
-        if value.dim() != 0 or not value.is_floating_point():
-            raise TypeError(
-                f"{name} must be a real number or a 0-d floating tensor, got a tensor of shape "
-                f"{tuple(value.shape)} and dtype {value.dtype}"
-            )
-        value = float(value)
-    if name == "percentile":
-        return check_percentile(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number in [0, 1], got {value!r} of type {type(value).__name__}")
-    number = float(value)
-    if not math.isfinite(number) or not 0.0 <= number <= 1.0:
-        hint = f"; use {number / 100:g} instead of {number:g}" if 1.0 < number <= 100.0 else ""
-        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}{hint}")
-    return number
 
 
 def check_threshold(value: object) -> Optional[float]:

@@ -15,6 +15,7 @@ from ._semantics import (
     KeptCounts,
     Percentile,
     check_clip,
+    check_fraction,
     check_inplace_allowed,
     check_input,
     check_variant,
@@ -156,11 +157,7 @@ def _lts_kept_counts(z: Tensor, p: object) -> KeptCounts:
         k = resolve_kept_counts(z, 1 - p) if p.is_floating_point() else resolve_kept_counts(z, p)
         # An invalid fraction on an accelerator stays k = -1 (a NaN sample), not k = 1.
         return torch.where(k >= 0, k.clamp(min=1), k) if isinstance(k, Tensor) else max(1, k)
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise TypeError(f"p must be a real number in [0, 1], got {p!r} of type {type(p).__name__}")
-    if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"p must be a fraction in [0, 1] (the fraction of top activations used), got {p!r}")
-    return max(1, resolve_kept_counts(z, 1 - float(p)))
+    return max(1, resolve_kept_counts(z, 1 - check_fraction("p", p)))
 
 
 @torch.no_grad()
