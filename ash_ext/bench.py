@@ -1130,9 +1130,11 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 def format_table(results: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """The results as an aligned text table (or a Markdown table)."""
-    rows = table_rows(results)
-    header = list(TABLE_COLUMNS)
-    left = {0, 2, 4}
+    return render_table(list(TABLE_COLUMNS), table_rows(results), {0, 2, 4}, markdown)
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: set[int], markdown: bool) -> str:
+    """``rows`` under ``header`` as aligned text (or Markdown); columns in ``left`` align left."""
     widths = [
         max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i]) for i in range(len(header))
     ]

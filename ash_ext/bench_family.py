@@ -823,28 +823,7 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
 
 def format_table(results: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """The results as an aligned text table (or a Markdown table)."""
-    rows = table_rows(results)
-    header = list(TABLE_COLUMNS)
-    left = {0, 1, 4, 6}
-    widths = [
-        max(len(header[i]), *(len(row[i]) for row in rows)) if rows else len(header[i]) for i in range(len(header))
-    ]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [c.ljust(widths[i]) if i in left else c.rjust(widths[i]) for i, c in enumerate(cells)]
-        return ("| " + " | ".join(parts) + " |") if markdown else "  ".join(parts).rstrip()
-
-    out = [line(header)]
-    if markdown:
-        out.append(
-            "|"
-            + "|".join(("-" * (w + 1) + ":") if i not in left else (":" + "-" * (w + 1)) for i, w in enumerate(widths))
-            + "|"
-        )
-    else:
-        out.append("  ".join("-" * w for w in widths))
-    out += [line(row) for row in rows]
-    return "\n".join(out)
+    return bench.render_table(list(TABLE_COLUMNS), table_rows(results), {0, 1, 4, 6}, markdown)
 
 
 def summary_lines(data: dict[str, Any]) -> list[str]:
