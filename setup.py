@@ -52,7 +52,10 @@ def _extensions() -> list:
     )
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # at::parallel_for is an OpenMP pragma in ATen's headers: without -fopenmp it runs serially.
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    # -ffp-contract=off: the CPU kernel's ISA builds must round alike, so a * b + c stays two
+    # roundings where FMA is available (GCC contracts by default).
+    # -Wno-psabi: the kernel passes 16-lane vectors between its inline functions, never across an ABI.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-Wno-psabi", "-fopenmp"]
     cxx_flags += os.environ.get("ASH_EXT_EXTRA_CXXFLAGS", "").split()
     link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -2,19 +2,19 @@
 
 Public API: :func:`ash_p`, :func:`ash_b`, :func:`ash_s`, :func:`scale` (SCALE), :func:`shape`,
 :func:`topk_stats`, :func:`lts_factor` (LTS), :func:`react_threshold` (ReAct's fit), the detectors,
-and :func:`implementation_for` / :func:`compiled_with_cuda` / :func:`cpu_simd_enabled` to see which
+and :func:`implementation_for` / :func:`compiled_with_cuda` / :func:`cpu_isa` to see which
 implementation runs.
 """
 
-from ._ops import (
+from ._ops import FORCE_FALLBACK_ENV, compiled_with_cuda, extension_loaded, fallback_forced, implementation_for
+from .cpu_dispatch import (
+    CPU_ISA_ENV,
     CPU_SIMD_ENV,
-    FORCE_FALLBACK_ENV,
-    compiled_with_cuda,
+    cpu_isa,
+    cpu_isas,
     cpu_simd_available,
     cpu_simd_enabled,
-    extension_loaded,
-    fallback_forced,
-    implementation_for,
+    set_cpu_isa,
     set_cpu_simd,
 )
 from ._semantics import kept_count
@@ -34,12 +34,15 @@ __all__ = [
     "RequiresFittingException",
     "SCALE",
     "shaping",
+    "CPU_ISA_ENV",
     "CPU_SIMD_ENV",
     "FORCE_FALLBACK_ENV",
     "ash_b",
     "ash_p",
     "ash_s",
     "compiled_with_cuda",
+    "cpu_isa",
+    "cpu_isas",
     "cpu_simd_available",
     "cpu_simd_enabled",
     "energy_score",
@@ -50,6 +53,7 @@ __all__ = [
     "lts_factor",
     "react_threshold",
     "scale",
+    "set_cpu_isa",
     "set_cpu_simd",
     "shape",
     "topk_stats",

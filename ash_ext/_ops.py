@@ -38,35 +38,6 @@ def compiled_with_cuda() -> bool:
     return _COMPILED_WITH_CUDA
 
 
-#: Set ``ASH_EXT_CPU_SIMD=0`` to run the CPU kernel's portable loops instead of its AVX-512 ones.
-CPU_SIMD_ENV = "ASH_EXT_CPU_SIMD"
-
-
-def cpu_simd_enabled() -> bool:
-    """Whether the CPU kernel runs its AVX-512 loops (float32 inputs, CPUs with AVX-512F).
-
-    On by default where the CPU has AVX-512F, unless ``ASH_EXT_CPU_SIMD=0`` was set at import.
-    Both versions give bit-identical results; only their speed differs.
-    """
-    return _C is not None and bool(_C.cpu_simd_enabled())
-
-
-def cpu_simd_available() -> bool:
-    """Whether the CPU kernel can run its AVX-512 loops here (the CPU has AVX-512F, x86-64 build)."""
-    return _C is not None and bool(_C.cpu_simd_available())
-
-
-def set_cpu_simd(enabled: bool) -> bool:
-    """Switch the CPU kernel's AVX-512 loops on or off for the whole process; returns the old setting.
-
-    Turning them on has no effect on a CPU without AVX-512F (or without the extension). Meant for
-    comparing the two versions: a call running on another thread at the same time may see either.
-    """
-    if _C is None:
-        return False
-    return bool(_C.set_cpu_simd(bool(enabled)))
-
-
 def fallback_forced() -> bool:
     """Whether ``ASH_EXT_FORCE_FALLBACK`` was set when ash_ext was imported."""
     return _FORCE_FALLBACK

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from . import fallback, reference
 from ._ops import compiled_with_cuda, extension_loaded, fallback_forced, implementation_for
+from .cpu_dispatch import cpu_isa, set_cpu_isa
 from ._semantics import VARIANT_CODES, kept_count
 from .functional import ash_b, ash_p, ash_s
 
@@ -509,6 +510,7 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
         "ash_ext_extension_loaded": extension_loaded(),
         "ash_ext_compiled_with_cuda": compiled_with_cuda(),
         "ash_ext_fallback_forced": fallback_forced(),
+        "ash_ext_cpu_isa": cpu_isa(),
         "pytorch_ood": pytorch_ood_version(),
         "device": str(device),
         "device_name": _cpu_model(),
@@ -1163,7 +1165,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     lines = [
         (
             f"device {m['device']} ({m['device_name']}), torch {m['torch']} ({m['torch_threads']} threads), "
-            f"ash_ext {m['ash_ext']}, pytorch-ood {m['pytorch_ood'] or 'not installed'}; "
+            f"ash_ext {m['ash_ext']} (CPU kernel: {m.get('ash_ext_cpu_isa', 'unknown')}), "
+            f"pytorch-ood {m['pytorch_ood'] or 'not installed'}; "
             f"{len(results)} cases in {meta.get('wall_s', 0):.0f} s"
         )
     ]
@@ -1505,6 +1508,10 @@ def build_parser(prog: str = "ash-ext bench") -> argparse.ArgumentParser:
         "--max-reps", type=int, default=200, help="most timed calls per implementation and case (default: 200)"
     )
     parser.add_argument("--cache-mb", type=float, help="last-level cache size in MiB (default: read from the machine)")
+    parser.add_argument(
+        "--cpu-isa",
+        help="the CPU kernel's ISA build: auto, avx512, avx2 or baseline (default: ASH_EXT_CPU_ISA, else the best)",
+    )
     return parser
 
 
@@ -1629,6 +1636,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "ash-ext bench") -> int:
 
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    if args.cpu_isa is not None:
+        if not extension_loaded():
+            parser.error("--cpu-isa: the extension is not built, so there is no CPU kernel")
+        try:
+            set_cpu_isa(args.cpu_isa)
+        except ValueError as error:
+            parser.error(f"--cpu-isa: {error}")
     config = _parse_config(parser, args)
     cases = config.cases()
     family_cases = bench_family.family_cases(config) if config.methods is not None else []

@@ -833,7 +833,8 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     lines = [
         (
             f"device {m['device']} ({m['device_name']}), torch {m['torch']} ({m['torch_threads']} threads), "
-            f"ash_ext {m['ash_ext']}, references from {meta.get('reference_source')}; "
+            f"ash_ext {m['ash_ext']} (CPU kernel: {m.get('ash_ext_cpu_isa', 'unknown')}), "
+            f"references from {meta.get('reference_source')}; "
             f"{len(results)} family cases in {meta.get('wall_s', 0):.0f} s"
         )
     ]

@@ -4,6 +4,8 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <cstring>
+#include <exception>
 
 #include "cpu/cpu_common.h"
 #include "cuda/launch_plan.h"
@@ -18,20 +20,47 @@ PyObject* compiled_with_cuda(PyObject* /*self*/, PyObject* /*args*/) {
 #endif
 }
 
-PyObject* cpu_simd_enabled(PyObject* /*self*/, PyObject* /*args*/) {
-  return PyBool_FromLong(ash_ext::cpu_simd_enabled());
+// The CPU kernel's ISA builds by name: cpu_isa() -> the one that runs; cpu_isas() -> those this
+// CPU and build support, best last; set_cpu_isa(name) -> the previous one's name.
+PyObject* cpu_isa(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyUnicode_FromString(ash_ext::cpu_isa_name(ash_ext::cpu_isa()));
 }
 
-PyObject* cpu_simd_available(PyObject* /*self*/, PyObject* /*args*/) {
-  return PyBool_FromLong(ash_ext::cpu_simd_available());
+PyObject* cpu_isas(PyObject* /*self*/, PyObject* /*args*/) {
+  PyObject* names = PyList_New(0);
+  for (int level = 0; names != nullptr && level < ash_ext::kCpuIsaCount; ++level) {
+    const auto isa = static_cast<ash_ext::CpuIsa>(level);
+    if (ash_ext::cpu_isa_supported(isa)) {
+      PyObject* name = PyUnicode_FromString(ash_ext::cpu_isa_name(isa));
+      if (name == nullptr || PyList_Append(names, name) != 0) {
+        Py_XDECREF(name);
+        Py_DECREF(names);
+        return nullptr;
+      }
+      Py_DECREF(name);
+    }
+  }
+  return names;
 }
 
-PyObject* set_cpu_simd(PyObject* /*self*/, PyObject* arg) {
-  const int enabled = PyObject_IsTrue(arg);
-  if (enabled < 0) {
+PyObject* set_cpu_isa(PyObject* /*self*/, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) {
     return nullptr;
   }
-  return PyBool_FromLong(ash_ext::set_cpu_simd(enabled != 0));
+  for (int level = 0; level < ash_ext::kCpuIsaCount; ++level) {
+    const auto isa = static_cast<ash_ext::CpuIsa>(level);
+    if (std::strcmp(name, ash_ext::cpu_isa_name(isa)) == 0) {
+      try {
+        return PyUnicode_FromString(ash_ext::cpu_isa_name(ash_ext::set_cpu_isa(isa)));
+      } catch (const std::exception& error) {
+        PyErr_SetString(PyExc_ValueError, error.what());
+        return nullptr;
+      }
+    }
+  }
+  PyErr_Format(PyExc_ValueError, "unknown CPU ISA %R: expected baseline, avx2 or avx512", arg);
+  return nullptr;
 }
 
 // cuda_launch_plan(batch, n, element_bytes, sm_count, shared_optin) -> dict: the CUDA
@@ -68,9 +97,9 @@ PyObject* cuda_launch_plan(PyObject* /*self*/, PyObject* args) {
 
 PyMethodDef module_methods[] = {
     {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
-    {"cpu_simd_enabled", cpu_simd_enabled, METH_NOARGS, "Whether the CPU kernel runs its AVX-512 loops."},
-    {"cpu_simd_available", cpu_simd_available, METH_NOARGS, "Whether the CPU kernel can run AVX-512 loops here."},
-    {"set_cpu_simd", set_cpu_simd, METH_O, "Switch the CPU kernel's AVX-512 loops on or off; returns the old setting."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The ISA build of the CPU kernel that runs."},
+    {"cpu_isas", cpu_isas, METH_NOARGS, "The ISA builds of the CPU kernel this CPU can run, best last."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Choose the CPU kernel's ISA build by name; returns the previous one's name."},
     {"cuda_launch_plan", cuda_launch_plan, METH_VARARGS,
      "cuda_launch_plan(batch, n, element_bytes, sm_count, shared_optin): the CUDA backend's launch plan."},
     {nullptr, nullptr, 0, nullptr}};

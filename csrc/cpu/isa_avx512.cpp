@@ -1,0 +1,18 @@
+// The CPU kernel compiled for AVX-512 F, BW, VL and DQ (Intel Skylake-SP and later server CPUs,
+// AMD Zen 4 on), on top of AVX2's set. As in isa_avx2.cpp, the target pragma reaches only the
+// kernel's own code, in namespace ash_ext::avx512.
+#include "cpu_kernel_deps.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,popcnt,bmi,bmi2,lzcnt")
+#define ASH_EXT_ISA_NS avx512
+#define ASH_EXT_ISA_LEVEL 2
+#include "cpu_kernel.h"
+#pragma GCC pop_options
+#else
+namespace ash_ext::avx512 {
+const CpuKernels* kernels() { return nullptr; }
+}  // namespace ash_ext::avx512
+#endif
