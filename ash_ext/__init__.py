@@ -7,6 +7,7 @@ implementation runs.
 """
 
 from ._ops import FORCE_FALLBACK_ENV, compiled_with_cuda, extension_loaded, fallback_forced, implementation_for
+from ._semantics import kept_count
 from .cpu_dispatch import (
     CPU_ISA_ENV,
     CPU_SIMD_ENV,
@@ -17,7 +18,6 @@ from .cpu_dispatch import (
     set_cpu_isa,
     set_cpu_simd,
 )
-from ._semantics import kept_count
 from .detector import ASH, LTS, SCALE, ReAct, energy_score
 from .detector_base import ModelNotSetException, RequiresFittingException
 from .functional import TopkStats, ash_b, ash_p, ash_s, lts_factor, scale, shape, topk_stats

@@ -49,8 +49,8 @@ from torch import Tensor
 
 from . import fallback, reference
 from ._ops import compiled_with_cuda, extension_loaded, fallback_forced, implementation_for
-from .cpu_dispatch import cpu_isa, set_cpu_isa
 from ._semantics import VARIANT_CODES, kept_count
+from .cpu_dispatch import cpu_isa, set_cpu_isa
 from .functional import ash_b, ash_p, ash_s
 
 # --------------------------------------------------------------------------------------------

@@ -121,6 +121,19 @@ def test_suites_cover_the_issue() -> None:
     assert len({c.id for c in cases}) == len(cases)
 
 
+@pytest.mark.skipif(not ash_ext.extension_loaded(), reason="the extension is not built")
+def test_cpu_isa_option_runs_that_build_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = ash_ext.cpu_isa()
+    try:
+        args = ["bench", "--shapes", "resnet50-pooled", *TINY, "--cpu-isa", "baseline", "--out", str(tmp_path)]
+        assert main(args) == 0
+        assert ash_ext.cpu_isa() == "baseline"
+    finally:
+        ash_ext.set_cpu_isa(before)
+    assert "(CPU kernel: baseline)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["machine"]["ash_ext_cpu_isa"] == "baseline"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -136,6 +149,7 @@ def test_suites_cover_the_issue() -> None:
         (["--min-reps", "0"], "at least 1"),
         (["--min-time", "-1"], "positive"),
         (["--no-such-option"], "unrecognized arguments"),
+        (["--cpu-isa", "sse9"], "unknown CPU ISA"),
     ],
 )
 def test_bad_options_exit_nonzero_with_a_message(
