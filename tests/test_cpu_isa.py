@@ -167,6 +167,39 @@ def test_no_avx_code_outside_the_isa_builds() -> None:
     assert not leaked, f"AVX code outside the ISA namespaces: {sorted(leaked)[:20]}"
 
 
+@pytest.mark.skipif(shutil.which("objdump") is None or sys.platform != "linux", reason="needs objdump")
+def test_no_vector_crosses_a_call() -> None:
+    """GCC 12 can miscompile the return of a vector struct from a function under a target pragma
+    (vzeroupper after loading the result into ymm0), so vec16's vectors must never be a real call's
+    parameter: every function and lambda taking one is forced inline (ASH_EXT_VEC_LAMBDA)."""
+    listing = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", ash_ext._ops._C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    names = re.findall(r"^[0-9a-f]+ <(.*)>:$", listing, flags=re.MULTILINE)
+    assert any("ash_ext::avx2::" in name or "ash_ext::baseline::" in name for name in names)
+    taking_vectors = [name for name in names if "vec16::V<" in _parameters(name)]
+    assert not taking_vectors, taking_vectors[:10]
+
+
+def _parameters(name: str) -> str:
+    """The parameter list of a demangled function name, with lambda types' own signatures removed
+    (a lambda object as a parameter passes no vector)."""
+    while True:
+        stripped = re.sub(r"\{lambda\([^(){}]*\)#\d+\}", "{lambda}", name)
+        if stripped == name:
+            break
+        name = stripped
+    name = re.sub(r"( const)?( \[clone [^\]]*\])*$", "", name)
+    if not name.endswith(")"):
+        return ""
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[i:]
+    return ""
+
+
 @pytest.mark.parametrize("variant", list(FUNCTIONS))
 @pytest.mark.parametrize("percentile", [0.0, 0.3, 0.65, 0.9, 0.999])
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 31, 255, 2048, 4095, 4097, 16385, 20000])

@@ -132,8 +132,7 @@ ASH_EXT_VEC_INLINE M valid_lanes(Len len) {
   if constexpr (std::is_same_v<Len, Full>) {
     return vec16::splat<M>(-1);
   } else {
-    const vec16::i32x16 ids = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    return __builtin_convertvector(ids < static_cast<int32_t>(len), M);
+    return vec16::convert<M>(vec16::lane_ids() < static_cast<int32_t>(len));
   }
 }
 
@@ -386,8 +385,8 @@ void key_span(const key_t* keys, int64_t count, key_t* smallest, key_t* largest)
     K key;
     __builtin_memcpy(&key, keys + i, sizeof(key_t) * length(len));
     const MaskVec<key_t> valid = valid_lanes<MaskVec<key_t>>(len);
-    low = (valid & MaskVec<key_t>(key < low)) ? key : low;
-    high = (valid & MaskVec<key_t>(key > high)) ? key : high;
+    low = vec16::select(valid & (key < low), key, low);
+    high = vec16::select(valid & (key > high), key, high);
   });
   *smallest = low[0];
   *largest = high[0];
@@ -816,7 +815,7 @@ void kept_block_sums(const scalar_t* in, const ChunkPlan& plan, int64_t c,
     for_steps(begin, end, [&](int64_t i, auto len) {
       const K bits = vec16::load_bits(in + i, length(len));
       // Dropped lanes add +0.0 (the bits masked to 0), which leaves a lane's sum as it is.
-      sum += vec16::to_acc<scalar_t>(kept(vec16::keys_of<scalar_t>(bits), i) ? bits : K{});
+      sum += vec16::to_acc<scalar_t>(vec16::select(kept(vec16::keys_of<scalar_t>(bits), i), bits, K{}));
     });
     block_sums[block] = vec16::lanes_total(sum);
   });
@@ -847,22 +846,22 @@ void write_forward(const scalar_t* in, scalar_t* out, int64_t begin, int64_t end
   auto emit = [&](auto value_of) {
     for_steps(begin, end, [&](int64_t i, auto len) {
       const K bits = vec16::load_bits(in + i, length(len));
-      const K result = kept(vec16::keys_of<scalar_t>(bits), i) ? value_of(bits) : K{};
+      const K result = vec16::select(kept(vec16::keys_of<scalar_t>(bits), i), value_of(bits), K{});
       vec16::store_bits(out + i, result, length(len));
     });
   };
   switch (variant) {
     case Variant::Prune:
-      emit([](K bits) { return bits; });
+      emit([](K bits) ASH_EXT_VEC_LAMBDA { return bits; });
       break;
     case Variant::Binarize: {
       const K fill_bits = vec16::splat<K>(KeyTraits<scalar_t>::bits(fill));
-      emit([&](K) { return fill_bits; });
+      emit([&](K) ASH_EXT_VEC_LAMBDA { return fill_bits; });
       break;
     }
     case Variant::Scale: {
       const Acc<scalar_t> factor = vec16::splat<Acc<scalar_t>>(constant);
-      emit([&](K bits) { return vec16::from_acc<scalar_t>(vec16::to_acc<scalar_t>(bits) * factor); });
+      emit([&](K bits) ASH_EXT_VEC_LAMBDA { return vec16::from_acc<scalar_t>(vec16::to_acc<scalar_t>(bits) * factor); });
       break;
     }
     case Variant::ScaleUnpruned:
@@ -900,9 +899,9 @@ void clamp_sample(const scalar_t* src, scalar_t* dst, const ChunkPlan& plan, con
     for_steps(plan.begin(c), plan.end(c), [&](int64_t i, auto len) {
       const K bits = vec16::load_bits(src + i, length(len));
       const A value = vec16::to_acc<scalar_t>(bits);
-      const M below = __builtin_convertvector(value < low, M);
-      const M over = __builtin_convertvector(high < value, M);
-      vec16::store_bits(dst + i, below ? low_bits : (over ? high_bits : bits), length(len));
+      const M below = vec16::convert<M>(value < low);
+      const M over = vec16::convert<M>(high < value);
+      vec16::store_bits(dst + i, vec16::select(below, low_bits, vec16::select(over, high_bits, bits)), length(len));
     });
   });
 }

@@ -24,7 +24,12 @@
 #error "vec16.h belongs in an ISA build (see isa_baseline.cpp)"
 #endif
 
+// Every function and lambda that takes or returns a vector is inlined: GCC 12 can get the calling
+// convention of a struct of 256-bit vectors wrong in a function compiled under a target pragma
+// (it returned one in ymm0 and then cleared ymm0's upper half with vzeroupper), so no vector
+// may cross a real call. tests/test_cpu_isa.py checks the library for such functions.
 #define ASH_EXT_VEC_INLINE __attribute__((always_inline)) inline
+#define ASH_EXT_VEC_LAMBDA __attribute__((always_inline))
 
 namespace ash_ext {
 namespace ASH_EXT_ISA_NS {  // each ISA build its own copy: no code is shared across ISAs
@@ -32,43 +37,180 @@ namespace vec16 {
 
 constexpr int kLanes = 16;
 
-typedef uint16_t u16x16 __attribute__((vector_size(32)));
-typedef int16_t i16x16 __attribute__((vector_size(32)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint64_t u64x16 __attribute__((vector_size(128)));
-typedef int64_t i64x16 __attribute__((vector_size(128)));
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef double f64x16 __attribute__((vector_size(128)));
+// The widest vector register of the ISA, in bytes. A 16-lane vector is built of native-width
+// parts (GCC lowers wider generic vectors' compares and selects lane by lane, in scalar code).
+#if ASH_EXT_ISA_LEVEL >= 2
+constexpr int kNativeBytes = 64;
+#elif ASH_EXT_ISA_LEVEL == 1
+constexpr int kNativeBytes = 32;
+#else
+constexpr int kNativeBytes = 16;
+#endif
+
+template <typename T, int Bytes>
+struct NativeVector {
+  typedef T type __attribute__((vector_size(Bytes)));
+};
+
+// 16 lanes of T, lane l at memory offset l * sizeof(T) (so memcpy loads and stores them), held in
+// kParts native vectors of kPartLanes lanes.
+template <typename T>
+struct V {
+  static constexpr int kBytes = kLanes * static_cast<int>(sizeof(T));
+  static constexpr int kPartBytes = kNativeBytes < kBytes ? kNativeBytes : kBytes;
+  static constexpr int kParts = kBytes / kPartBytes;
+  static constexpr int kPartLanes = kLanes / kParts;
+  using Part = typename NativeVector<T, kPartBytes>::type;
+  Part p[kParts];
+
+  ASH_EXT_VEC_INLINE T operator[](int l) const { return p[l / kPartLanes][l % kPartLanes]; }
+};
+
+template <typename T>
+using SignedOf = std::make_signed_t<std::conditional_t<std::is_floating_point_v<T>,
+                                                       std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>, T>>;
+
+// Lane-wise operators, part by part.
+#define ASH_EXT_VEC_BINARY(op)                                         \
+  template <typename T>                                                \
+  ASH_EXT_VEC_INLINE V<T> operator op(V<T> a, const V<T>& b) {         \
+    for (int i = 0; i < V<T>::kParts; ++i) a.p[i] = a.p[i] op b.p[i];  \
+    return a;                                                          \
+  }                                                                    \
+  template <typename T, typename S, typename = std::enable_if_t<std::is_arithmetic_v<S>>> \
+  ASH_EXT_VEC_INLINE V<T> operator op(V<T> a, S b) {                   \
+    for (int i = 0; i < V<T>::kParts; ++i) a.p[i] = a.p[i] op static_cast<T>(b); \
+    return a;                                                          \
+  }
+ASH_EXT_VEC_BINARY(+)
+ASH_EXT_VEC_BINARY(-)
+ASH_EXT_VEC_BINARY(*)
+ASH_EXT_VEC_BINARY(&)
+ASH_EXT_VEC_BINARY(|)
+ASH_EXT_VEC_BINARY(^)
+#undef ASH_EXT_VEC_BINARY
+
+template <typename T>
+ASH_EXT_VEC_INLINE V<T>& operator+=(V<T>& a, const V<T>& b) {
+  return a = a + b;
+}
+template <typename T>
+ASH_EXT_VEC_INLINE V<T>& operator-=(V<T>& a, const V<T>& b) {
+  return a = a - b;
+}
+template <typename T>
+ASH_EXT_VEC_INLINE V<T> operator>>(V<T> a, int shift) {
+  for (int i = 0; i < V<T>::kParts; ++i) a.p[i] = a.p[i] >> shift;
+  return a;
+}
+template <typename T>
+ASH_EXT_VEC_INLINE V<T> operator<<(V<T> a, int shift) {
+  for (int i = 0; i < V<T>::kParts; ++i) a.p[i] = a.p[i] << shift;
+  return a;
+}
+
+// Compares give a mask: -1 (all ones) or 0 per lane, in signed lanes of T's width.
+#define ASH_EXT_VEC_COMPARE(op)                                                              \
+  template <typename T>                                                                      \
+  ASH_EXT_VEC_INLINE V<SignedOf<T>> operator op(const V<T>& a, const V<T>& b) {              \
+    V<SignedOf<T>> m;                                                                        \
+    for (int i = 0; i < V<T>::kParts; ++i) m.p[i] = a.p[i] op b.p[i];                        \
+    return m;                                                                                \
+  }                                                                                          \
+  template <typename T, typename S, typename = std::enable_if_t<std::is_arithmetic_v<S>>>   \
+  ASH_EXT_VEC_INLINE V<SignedOf<T>> operator op(const V<T>& a, S b) {                        \
+    V<SignedOf<T>> m;                                                                        \
+    for (int i = 0; i < V<T>::kParts; ++i) m.p[i] = a.p[i] op static_cast<T>(b);             \
+    return m;                                                                                \
+  }
+ASH_EXT_VEC_COMPARE(==)
+ASH_EXT_VEC_COMPARE(<)
+ASH_EXT_VEC_COMPARE(<=)
+ASH_EXT_VEC_COMPARE(>)
+ASH_EXT_VEC_COMPARE(>=)
+#undef ASH_EXT_VEC_COMPARE
+
+// a where the mask is set, else b (masks of T's width).
+template <typename T>
+ASH_EXT_VEC_INLINE V<T> select(const V<SignedOf<T>>& mask, const V<T>& a, const V<T>& b) {
+  V<T> r;
+  for (int i = 0; i < V<T>::kParts; ++i) r.p[i] = mask.p[i] ? a.p[i] : b.p[i];
+  return r;
+}
+
+// The same bits as another lane type of the same width.
+template <typename To, typename From>
+ASH_EXT_VEC_INLINE To bitcast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the lanes' width");
+  To to;
+  __builtin_memcpy(&to, &from, sizeof(to));
+  return to;
+}
+
+// Lane-wise conversion to another lane type (as static_cast; masks keep -1 / 0). Converted in
+// chunks no wider than either side's native parts, so that no step needs a vector wider than the
+// ISA's registers (which GCC would convert lane by lane).
+template <typename To, typename From>
+ASH_EXT_VEC_INLINE To convert(const From& from) {
+  using TU = std::decay_t<decltype(std::declval<To>()[0])>;
+  using FU = std::decay_t<decltype(std::declval<From>()[0])>;
+  if constexpr (std::is_same_v<TU, FU>) {
+    return from;
+  } else {
+    constexpr int kChunk = To::kPartLanes < From::kPartLanes ? To::kPartLanes : From::kPartLanes;
+    using FromChunk = typename NativeVector<FU, kChunk * static_cast<int>(sizeof(FU))>::type;
+    using ToChunk = typename NativeVector<TU, kChunk * static_cast<int>(sizeof(TU))>::type;
+    To to;
+    for (int c = 0; c < kLanes / kChunk; ++c) {
+      FromChunk chunk;
+      __builtin_memcpy(&chunk, reinterpret_cast<const char*>(&from) + c * sizeof(FromChunk), sizeof(chunk));
+      const ToChunk converted = __builtin_convertvector(chunk, ToChunk);
+      __builtin_memcpy(reinterpret_cast<char*>(&to) + c * sizeof(ToChunk), &converted, sizeof(converted));
+    }
+    return to;
+  }
+}
+
+template <typename Vec, typename T>
+ASH_EXT_VEC_INLINE Vec splat(T value) {
+  using E = std::decay_t<decltype(std::declval<Vec>()[0])>;
+  Vec v;
+  for (int i = 0; i < Vec::kParts; ++i) {
+    for (int l = 0; l < Vec::kPartLanes; ++l) {
+      v.p[i][l] = static_cast<E>(value);
+    }
+  }
+  return v;
+}
+
+using u16x16 = V<uint16_t>;
+using i16x16 = V<int16_t>;
+using u32x16 = V<uint32_t>;
+using i32x16 = V<int32_t>;
+using u64x16 = V<uint64_t>;
+using i64x16 = V<int64_t>;
+using f32x16 = V<float>;
+using f64x16 = V<double>;
+
+// 0, 1, ..., 15.
+ASH_EXT_VEC_INLINE i32x16 lane_ids() {
+  i32x16 ids;
+  for (int l = 0; l < kLanes; ++l) {
+    ids.p[l / i32x16::kPartLanes][l % i32x16::kPartLanes] = l;
+  }
+  return ids;
+}
 
 // The vector types of a key type: unsigned keys (and a dtype's raw bits), signed lane masks.
 template <typename key_t>
-struct KeyVectors;
-template <>
-struct KeyVectors<uint16_t> {
-  using keys = u16x16;
-  using mask = i16x16;
-};
-template <>
-struct KeyVectors<uint32_t> {
-  using keys = u32x16;
-  using mask = i32x16;
-};
-template <>
-struct KeyVectors<uint64_t> {
-  using keys = u64x16;
-  using mask = i64x16;
+struct KeyVectors {
+  using keys = V<key_t>;
+  using mask = V<std::make_signed_t<key_t>>;
 };
 
 template <typename acc_t>
-struct AccVectors;
-template <>
-struct AccVectors<float> {
-  using values = f32x16;
-};
-template <>
-struct AccVectors<double> {
-  using values = f64x16;
+struct AccVectors {
+  using values = V<acc_t>;
 };
 
 template <typename scalar_t>
@@ -77,15 +219,6 @@ template <typename scalar_t>
 using Mask = typename KeyVectors<key_type<scalar_t>>::mask;  // -1 (all ones) or 0 per lane
 template <typename scalar_t>
 using Acc = typename AccVectors<acc_type<scalar_t>>::values;  // 16 values in the accumulation type
-
-template <typename V, typename T>
-ASH_EXT_VEC_INLINE V splat(T value) {
-  V v;
-  for (int l = 0; l < kLanes; ++l) {
-    v[l] = value;
-  }
-  return v;
-}
 
 // The raw bits of the values at p[0, len) (len <= 16; the other lanes are 0, i.e. +0.0).
 template <typename scalar_t>
@@ -102,7 +235,7 @@ ASH_EXT_VEC_INLINE Keys<scalar_t> load_bits(const scalar_t* p, int64_t len) {
 
 // Stores lanes [0, len) of bits as values at p.
 template <typename scalar_t>
-ASH_EXT_VEC_INLINE void store_bits(scalar_t* p, Keys<scalar_t> bits, int64_t len) {
+ASH_EXT_VEC_INLINE void store_bits(scalar_t* p, const Keys<scalar_t>& bits, int64_t len) {
   if (len >= kLanes) {
     __builtin_memcpy(p, &bits, sizeof(bits));
   } else {
@@ -113,71 +246,68 @@ ASH_EXT_VEC_INLINE void store_bits(scalar_t* p, Keys<scalar_t> bits, int64_t len
 // order_key (ash_semantics.h) of 16 values given as raw bits: -0.0 as +0.0, NaN as the largest
 // key, negative values with every bit flipped, non-negative ones with the sign bit set.
 template <typename scalar_t>
-ASH_EXT_VEC_INLINE Keys<scalar_t> keys_of(Keys<scalar_t> bits) {
+ASH_EXT_VEC_INLINE Keys<scalar_t> keys_of(const Keys<scalar_t>& bits) {
   using T = KeyTraits<scalar_t>;
   using key_t = key_type<scalar_t>;
   using K = Keys<scalar_t>;
   using M = Mask<scalar_t>;
   constexpr int kTopBit = key_bits<key_t>() - 1;
   const K magnitude = bits & static_cast<key_t>(~T::kSign);
-  const K canonical = magnitude == 0 ? K{} : bits;
-  const K flip = reinterpret_cast<K>(reinterpret_cast<M>(canonical) >> kTopBit) | T::kSign;
-  const K key = canonical ^ flip;
-  return magnitude > T::kInfBits ? splat<K>(static_cast<key_t>(~key_t(0))) : key;
+  const K canonical = select(magnitude == 0, K{}, bits);
+  const K flip = bitcast<K>(bitcast<M>(canonical) >> kTopBit) | T::kSign;
+  return select(magnitude > T::kInfBits, splat<K>(static_cast<key_t>(~key_t(0))), canonical ^ flip);
 }
 
 // The 16 values whose raw bits are `bits`, in the accumulation type (exact).
 template <typename scalar_t>
-ASH_EXT_VEC_INLINE Acc<scalar_t> to_acc(Keys<scalar_t> bits) {
+ASH_EXT_VEC_INLINE Acc<scalar_t> to_acc(const Keys<scalar_t>& bits) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-    return reinterpret_cast<Acc<scalar_t>>(bits);
+    return bitcast<Acc<scalar_t>>(bits);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return reinterpret_cast<f32x16>(__builtin_convertvector(bits, u32x16) << 16);
+    return bitcast<f32x16>(convert<u32x16>(bits) << 16);
   } else {
     // float16: the magnitude's bits moved into float32's places read 2^-112 times the value
     // (subnormals included, exactly), so one multiply by 2^112 rebiases the exponent; infinity
     // and NaN instead get float32's all-ones exponent, keeping NaN's payload.
-    const u32x16 h = __builtin_convertvector(bits, u32x16);
+    const u32x16 h = convert<u32x16>(bits);
     const u32x16 shifted = (h & 0x7FFFu) << 13;
-    const f32x16 scaled = reinterpret_cast<f32x16>(shifted) * 0x1p112f;
-    const u32x16 finite = reinterpret_cast<u32x16>(scaled);
-    const u32x16 magnitude = shifted >= 0x0F800000u ? (shifted | 0x7F800000u) : finite;
-    return reinterpret_cast<f32x16>(magnitude | ((h & 0x8000u) << 16));
+    const u32x16 finite = bitcast<u32x16>(bitcast<f32x16>(shifted) * 0x1p112f);
+    const u32x16 magnitude = select(shifted >= 0x0F800000u, shifted | 0x7F800000u, finite);
+    return bitcast<f32x16>(magnitude | ((h & 0x8000u) << 16));
   }
 }
 
 // The raw bits of 16 accumulation-type values rounded to scalar_t as static_cast does.
 template <typename scalar_t>
-ASH_EXT_VEC_INLINE Keys<scalar_t> from_acc(Acc<scalar_t> values) {
+ASH_EXT_VEC_INLINE Keys<scalar_t> from_acc(const Acc<scalar_t>& values) {
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-    return reinterpret_cast<Keys<scalar_t>>(values);
+    return bitcast<Keys<scalar_t>>(values);
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     // Round to nearest even on the dropped 16 bits; NaN becomes c10's quiet NaN 0x7FC0.
-    const u32x16 b = reinterpret_cast<u32x16>(values);
+    const u32x16 b = bitcast<u32x16>(values);
     const u32x16 rounded = (b + (((b >> 16) & 1u) + 0x7FFFu)) >> 16;
-    const u32x16 result = (b & 0x7FFFFFFFu) > 0x7F800000u ? splat<u32x16>(0x7FC0u) : rounded;
-    return __builtin_convertvector(result, u16x16);
+    return convert<u16x16>(select((b & 0x7FFFFFFFu) > 0x7F800000u, splat<u32x16>(0x7FC0u), rounded));
   } else {
     // float16, round to nearest even. Normal results: rebias the exponent (127 -> 15) and round
     // the 13 dropped bits; subnormal ones: adding 0.5f leaves the value rounded to a multiple of
     // 2^-24 (0.5f's ulp) in the low mantissa bits -- a carry into 0x400 is the smallest normal.
     // NaN becomes c10's 0x7E00 with its sign; magnitudes from 65520 on round to infinity.
-    const u32x16 b = reinterpret_cast<u32x16>(values);
+    const u32x16 b = bitcast<u32x16>(values);
     const u32x16 sign = (b >> 16) & 0x8000u;
     const u32x16 a = b & 0x7FFFFFFFu;
     const u32x16 normal = ((a - 0x38000000u) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
-    const u32x16 subnormal = reinterpret_cast<u32x16>(reinterpret_cast<f32x16>(a) + 0.5f) - 0x3F000000u;
-    u32x16 result = a < 0x38800000u ? subnormal : normal;
-    result = a >= 0x477FF000u ? splat<u32x16>(0x7C00u) : result;
-    result = a > 0x7F800000u ? splat<u32x16>(0x7E00u) : result;
-    return __builtin_convertvector(result | sign, u16x16);
+    const u32x16 subnormal = bitcast<u32x16>(bitcast<f32x16>(a) + 0.5f) - 0x3F000000u;
+    u32x16 result = select(a < 0x38800000u, subnormal, normal);
+    result = select(a >= 0x477FF000u, splat<u32x16>(0x7C00u), result);
+    result = select(a > 0x7F800000u, splat<u32x16>(0x7E00u), result);
+    return convert<u16x16>(result | sign);
   }
 }
 
-// The lanes of a sum register added in lane order 0..15 (the kernel's defined order).
-template <typename V>
-ASH_EXT_VEC_INLINE auto lanes_total(V lanes) {
-  std::decay_t<decltype(lanes[0])> total = 0;
+// The lanes added in lane order 0..15 (the kernel's defined order of a sum's lanes).
+template <typename T>
+ASH_EXT_VEC_INLINE T lanes_total(const V<T>& lanes) {
+  T total = 0;
   for (int l = 0; l < kLanes; ++l) {
     total += lanes[l];
   }
@@ -186,31 +316,23 @@ ASH_EXT_VEC_INLINE auto lanes_total(V lanes) {
 
 // A lane mask (-1 or 0 per lane, any lane width) as 32-bit lanes.
 template <typename M>
-ASH_EXT_VEC_INLINE i32x16 as_i32(M mask) {
-  if constexpr (std::is_same_v<M, i32x16>) {
-    return mask;
-  } else {
-    return __builtin_convertvector(mask, i32x16);
-  }
+ASH_EXT_VEC_INLINE i32x16 as_i32(const M& mask) {
+  return convert<i32x16>(mask);
 }
 
 // Bit l set where lane l of the mask is set.
 template <typename M>
-ASH_EXT_VEC_INLINE uint32_t bits_of(M mask) {
+ASH_EXT_VEC_INLINE uint32_t bits_of(const M& mask) {
   const i32x16 m = as_i32(mask);
 #if ASH_EXT_ISA_LEVEL >= 2
-  return _mm512_cmplt_epi32_mask(reinterpret_cast<__m512i>(m), _mm512_setzero_si512());
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i>(m.p[0]));
 #elif ASH_EXT_ISA_LEVEL == 1
-  __m256i halves[2];
-  __builtin_memcpy(halves, &m, sizeof(m));
-  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(halves[0]))) |
-         (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(halves[1]))) << 8);
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(reinterpret_cast<__m256i>(m.p[0])))) |
+         (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(reinterpret_cast<__m256i>(m.p[1])))) << 8);
 #elif defined(__SSE2__)
-  __m128i quarters[4];
-  __builtin_memcpy(quarters, &m, sizeof(m));
   uint32_t bits = 0;
   for (int q = 0; q < 4; ++q) {
-    bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(quarters[q]))) << (4 * q);
+    bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(reinterpret_cast<__m128i>(m.p[q])))) << (4 * q);
   }
   return bits;
 #else
@@ -224,7 +346,7 @@ ASH_EXT_VEC_INLINE uint32_t bits_of(M mask) {
 
 // Number of set lanes.
 template <typename M>
-ASH_EXT_VEC_INLINE int count_of(M mask) {
+ASH_EXT_VEC_INLINE int count_of(const M& mask) {
   return __builtin_popcount(bits_of(mask));
 }
 
@@ -253,49 +375,44 @@ inline constexpr CompressTable kCompressTable{};
 // count. It may write all 16 lanes' worth after out (callers keep that much room), and has no
 // branch on the mask: the lanes a pass gathers are too scattered for a predictable one.
 template <typename key_t>
-ASH_EXT_VEC_INLINE int64_t compress_store(typename KeyVectors<key_t>::keys keys,
-                                          typename KeyVectors<key_t>::mask mask, key_t* out) {
+ASH_EXT_VEC_INLINE int64_t compress_store(const V<key_t>& keys, const V<std::make_signed_t<key_t>>& mask, key_t* out) {
+  const uint32_t m = bits_of(mask);
 #if ASH_EXT_ISA_LEVEL >= 2
   if constexpr (sizeof(key_t) == 4) {
-    const __mmask16 m = static_cast<__mmask16>(bits_of(mask));
-    _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(m, reinterpret_cast<__m512i>(keys)));
+    _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(static_cast<__mmask16>(m), reinterpret_cast<__m512i>(keys.p[0])));
     return __builtin_popcount(m);
   } else if constexpr (sizeof(key_t) == 2) {
     // No 16-bit compress before VBMI2: widen, compress, narrow.
-    const __mmask16 m = static_cast<__mmask16>(bits_of(mask));
-    const __m512i wide = reinterpret_cast<__m512i>(__builtin_convertvector(keys, u32x16));
-    const u16x16 narrow = __builtin_convertvector(reinterpret_cast<u32x16>(_mm512_maskz_compress_epi32(m, wide)), u16x16);
+    const u32x16 wide = convert<u32x16>(keys);
+    u32x16 packed;
+    packed.p[0] = reinterpret_cast<u32x16::Part>(
+        _mm512_maskz_compress_epi32(static_cast<__mmask16>(m), reinterpret_cast<__m512i>(wide.p[0])));
+    const u16x16 narrow = convert<u16x16>(packed);
     __builtin_memcpy(out, &narrow, sizeof(narrow));
     return __builtin_popcount(m);
   } else {
-    const uint32_t m = bits_of(mask);
-    __m512i parts[2];
-    __builtin_memcpy(parts, &keys, sizeof(keys));
-    const __mmask8 low = static_cast<__mmask8>(m & 0xFF);
-    const __mmask8 high = static_cast<__mmask8>(m >> 8);
-    _mm512_storeu_si512(out, _mm512_maskz_compress_epi64(low, parts[0]));
+    const auto low = static_cast<__mmask8>(m & 0xFF);
+    const auto high = static_cast<__mmask8>(m >> 8);
+    _mm512_storeu_si512(out, _mm512_maskz_compress_epi64(low, reinterpret_cast<__m512i>(keys.p[0])));
     const int low_count = __builtin_popcount(low);
-    _mm512_storeu_si512(out + low_count, _mm512_maskz_compress_epi64(high, parts[1]));
+    _mm512_storeu_si512(out + low_count, _mm512_maskz_compress_epi64(high, reinterpret_cast<__m512i>(keys.p[1])));
     return low_count + __builtin_popcount(high);
   }
 #elif ASH_EXT_ISA_LEVEL == 1
   if constexpr (sizeof(key_t) == 4) {
-    const uint32_t m = bits_of(mask);
-    __m256i halves[2];
-    __builtin_memcpy(halves, &keys, sizeof(keys));
     const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
     int64_t count = 0;
     for (int h = 0; h < 2; ++h) {
       const uint32_t part = (m >> (8 * h)) & 0xFFu;
       const __m256i order = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(kCompressTable.indices[part])), shifts);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + count), _mm256_permutevar8x32_epi32(halves[h], order));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + count),
+                          _mm256_permutevar8x32_epi32(reinterpret_cast<__m256i>(keys.p[h]), order));
       count += __builtin_popcount(part);
     }
     return count;
   }
 #endif
   // Every other case: each lane written, the position advanced where it is selected.
-  const uint32_t m = bits_of(mask);
   int64_t count = 0;
   for (int l = 0; l < kLanes; ++l) {
     out[count] = keys[l];
