@@ -172,9 +172,8 @@ def test_no_vector_crosses_a_call() -> None:
     """GCC 12 can miscompile the return of a vector struct from a function under a target pragma
     (vzeroupper after loading the result into ymm0), so vec16's vectors must never be a real call's
     parameter: every function and lambda taking one is forced inline (ASH_EXT_VEC_LAMBDA)."""
-    listing = subprocess.run(
-        ["objdump", "-d", "-C", "--no-show-raw-insn", ash_ext._ops._C.__file__], capture_output=True, text=True, check=True
-    ).stdout
+    command = ["objdump", "-d", "-C", "--no-show-raw-insn", ash_ext._ops._C.__file__]
+    listing = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     names = re.findall(r"^[0-9a-f]+ <(.*)>:$", listing, flags=re.MULTILINE)
     assert any("ash_ext::avx2::" in name or "ash_ext::baseline::" in name for name in names)
     taking_vectors = [name for name in names if "vec16::V<" in _parameters(name)]
