@@ -199,7 +199,7 @@ void pass_a(const scalar_t* in, int64_t n, int64_t first_block, int64_t last_blo
         const Keys<scalar_t> bits = vec16::load_bits(in + tile + j, length(step_len));
         sum += vec16::to_acc<scalar_t>(bits);
         const Keys<scalar_t> key = vec16::keys_of<scalar_t>(bits);
-        __builtin_memcpy(keys + j, &key, sizeof(key));
+        vec16::store(keys + j, key, kLanes);
       });
       for (int64_t j = 0; j < len; ++j) {
         ++hist[(j % copies) * buckets + (keys[j] >> shift)];
@@ -382,8 +382,7 @@ void key_span(const key_t* keys, int64_t count, key_t* smallest, key_t* largest)
   K low = vec16::splat<K>(static_cast<key_t>(~key_t(0)));
   K high = {};
   for_steps(0, count, [&](int64_t i, auto len) {
-    K key;
-    __builtin_memcpy(&key, keys + i, sizeof(key_t) * length(len));
+    const K key = vec16::load(keys + i, length(len));
     const MaskVec<key_t> valid = valid_lanes<MaskVec<key_t>>(len);
     low = vec16::select(valid & (key < low), key, low);
     high = vec16::select(valid & (key > high), key, high);
@@ -455,8 +454,7 @@ RankRounds<key_t> rank_rounds(key_t* keys, key_t* spare, int64_t count, int64_t 
     key_t inside_lo = static_cast<key_t>(~key_t(0));
     key_t inside_hi = 0;
     for_steps(0, count, [&](int64_t i, auto len) {
-      K key;
-      __builtin_memcpy(&key, keys + i, sizeof(key_t) * length(len));
+      const K key = vec16::load(keys + i, length(len));
       const M valid = valid_lanes<M>(len);
       above_lanes += vec16::as_i32(M(key > high) & valid);
       const M in = M((key - low) <= span) & valid;

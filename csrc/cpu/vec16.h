@@ -138,36 +138,81 @@ ASH_EXT_VEC_INLINE V<T> select(const V<SignedOf<T>>& mask, const V<T>& a, const 
   return r;
 }
 
-// The same bits as another lane type of the same width.
+// The same bits as another lane type of the same width (part by part: no trip through memory).
 template <typename To, typename From>
 ASH_EXT_VEC_INLINE To bitcast(const From& from) {
-  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the lanes' width");
+  static_assert(sizeof(To) == sizeof(From) && To::kParts == From::kParts, "a bit cast keeps the lanes' width");
   To to;
-  __builtin_memcpy(&to, &from, sizeof(to));
+  for (int i = 0; i < To::kParts; ++i) {
+    to.p[i] = reinterpret_cast<typename To::Part>(from.p[i]);
+  }
   return to;
 }
 
-// Lane-wise conversion to another lane type (as static_cast; masks keep -1 / 0). Converted in
-// chunks no wider than either side's native parts, so that no step needs a vector wider than the
-// ISA's registers (which GCC would convert lane by lane).
+// Lanes [Offset, Offset + sizeof...(I)) of a native vector, as a vector of that many lanes.
+template <int Offset, typename Vec, int... I>
+ASH_EXT_VEC_INLINE auto lanes_of(Vec v, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(v, v, (Offset + I)...);
+}
+
+// Two vectors of n lanes as one of 2n.
+template <typename Vec, int... I>
+ASH_EXT_VEC_INLINE auto concatenated(Vec a, Vec b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, I...);
+}
+
 template <typename To, typename From>
-ASH_EXT_VEC_INLINE To convert(const From& from) {
+struct Conversion {
   using TU = std::decay_t<decltype(std::declval<To>()[0])>;
   using FU = std::decay_t<decltype(std::declval<From>()[0])>;
-  if constexpr (std::is_same_v<TU, FU>) {
-    return from;
-  } else {
-    constexpr int kChunk = To::kPartLanes < From::kPartLanes ? To::kPartLanes : From::kPartLanes;
-    using FromChunk = typename NativeVector<FU, kChunk * static_cast<int>(sizeof(FU))>::type;
-    using ToChunk = typename NativeVector<TU, kChunk * static_cast<int>(sizeof(TU))>::type;
+  // Chunks no wider than either side's native parts, so that no step needs a vector wider than
+  // the ISA's registers (which GCC would convert lane by lane).
+  static constexpr int kChunk = To::kPartLanes < From::kPartLanes ? To::kPartLanes : From::kPartLanes;
+  static constexpr int kChunks = kLanes / kChunk;
+  using ToChunk = typename NativeVector<TU, kChunk * static_cast<int>(sizeof(TU))>::type;
+
+  template <int C>
+  ASH_EXT_VEC_INLINE static ToChunk chunk(const From& from) {
+    constexpr int first = C * kChunk;
+    const auto part = from.p[first / From::kPartLanes];
+    if constexpr (kChunk == From::kPartLanes) {
+      return __builtin_convertvector(part, ToChunk);
+    } else {
+      const auto lanes = lanes_of<first % From::kPartLanes>(part, std::make_integer_sequence<int, kChunk>{});
+      return __builtin_convertvector(lanes, ToChunk);
+    }
+  }
+
+  template <int... C>
+  ASH_EXT_VEC_INLINE static To run(const From& from, std::integer_sequence<int, C...>) {
+    const ToChunk chunks[kChunks] = {chunk<C>(from)...};
+    constexpr int per_part = To::kPartLanes / kChunk;  // 1, 2 or 4 chunks make a part
     To to;
-    for (int c = 0; c < kLanes / kChunk; ++c) {
-      FromChunk chunk;
-      __builtin_memcpy(&chunk, reinterpret_cast<const char*>(&from) + c * sizeof(FromChunk), sizeof(chunk));
-      const ToChunk converted = __builtin_convertvector(chunk, ToChunk);
-      __builtin_memcpy(reinterpret_cast<char*>(&to) + c * sizeof(ToChunk), &converted, sizeof(converted));
+    for (int j = 0; j < To::kParts; ++j) {
+      const ToChunk* c = chunks + j * per_part;
+      if constexpr (per_part == 1) {
+        to.p[j] = c[0];
+      } else if constexpr (per_part == 2) {
+        to.p[j] = concatenated(c[0], c[1], std::make_integer_sequence<int, 2 * kChunk>{});
+      } else {
+        static_assert(per_part == 4, "parts are 1, 2 or 4 chunks");
+        const auto low = concatenated(c[0], c[1], std::make_integer_sequence<int, 2 * kChunk>{});
+        const auto high = concatenated(c[2], c[3], std::make_integer_sequence<int, 2 * kChunk>{});
+        to.p[j] = concatenated(low, high, std::make_integer_sequence<int, 4 * kChunk>{});
+      }
     }
     return to;
+  }
+};
+
+// Lane-wise conversion to another lane type (as static_cast; masks keep -1 / 0).
+template <typename To, typename From>
+ASH_EXT_VEC_INLINE To convert(const From& from) {
+  if constexpr (std::is_same_v<To, From>) {
+    return from;
+  } else {
+    using C = Conversion<To, From>;
+    return C::run(from, std::make_integer_sequence<int, C::kChunks>{});
   }
 }
 
@@ -220,27 +265,42 @@ using Mask = typename KeyVectors<key_type<scalar_t>>::mask;  // -1 (all ones) or
 template <typename scalar_t>
 using Acc = typename AccVectors<acc_type<scalar_t>>::values;  // 16 values in the accumulation type
 
-// The raw bits of the values at p[0, len) (len <= 16; the other lanes are 0, i.e. +0.0).
-template <typename scalar_t>
-ASH_EXT_VEC_INLINE Keys<scalar_t> load_bits(const scalar_t* p, int64_t len) {
-  Keys<scalar_t> v;
+// Lanes [0, len) from p (len <= 16; the other lanes are 0), one native load per part when whole.
+template <typename T>
+ASH_EXT_VEC_INLINE V<T> load(const T* p, int64_t len) {
+  V<T> v;
   if (len >= kLanes) {
-    __builtin_memcpy(&v, p, sizeof(v));
+    for (int i = 0; i < V<T>::kParts; ++i) {
+      __builtin_memcpy(&v.p[i], p + i * V<T>::kPartLanes, sizeof(v.p[i]));
+    }
   } else {
-    v = Keys<scalar_t>{};
-    __builtin_memcpy(&v, p, static_cast<size_t>(len) * sizeof(scalar_t));
+    v = V<T>{};
+    __builtin_memcpy(&v, p, static_cast<size_t>(len) * sizeof(T));
   }
   return v;
 }
 
-// Stores lanes [0, len) of bits as values at p.
+// Stores lanes [0, len) at p.
+template <typename T>
+ASH_EXT_VEC_INLINE void store(T* p, const V<T>& v, int64_t len) {
+  if (len >= kLanes) {
+    for (int i = 0; i < V<T>::kParts; ++i) {
+      __builtin_memcpy(p + i * V<T>::kPartLanes, &v.p[i], sizeof(v.p[i]));
+    }
+  } else {
+    __builtin_memcpy(p, &v, static_cast<size_t>(len) * sizeof(T));
+  }
+}
+
+// The raw bits of the values at p[0, len) (the other lanes 0, i.e. +0.0), and their store.
+template <typename scalar_t>
+ASH_EXT_VEC_INLINE Keys<scalar_t> load_bits(const scalar_t* p, int64_t len) {
+  return load(reinterpret_cast<const key_type<scalar_t>*>(p), len);
+}
+
 template <typename scalar_t>
 ASH_EXT_VEC_INLINE void store_bits(scalar_t* p, const Keys<scalar_t>& bits, int64_t len) {
-  if (len >= kLanes) {
-    __builtin_memcpy(p, &bits, sizeof(bits));
-  } else {
-    __builtin_memcpy(p, &bits, static_cast<size_t>(len) * sizeof(scalar_t));
-  }
+  store(reinterpret_cast<key_type<scalar_t>*>(p), bits, len);
 }
 
 // order_key (ash_semantics.h) of 16 values given as raw bits: -0.0 as +0.0, NaN as the largest
