@@ -4,6 +4,7 @@ chooses which implementation serves a tensor."""
 from __future__ import annotations
 
 import os
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -65,6 +66,16 @@ def set_cpu_simd(enabled: bool) -> bool:
     if _C is None:
         return False
     return bool(_C.set_cpu_simd(bool(enabled)))
+
+
+#: The public functions' fast path in the compiled module (``shape`` in csrc/python_module.cpp):
+#: ``FAST_SHAPE(x, percentile, variant_code, clip, inplace)`` runs a plain eager call (an ordinary
+#: tensor, a float percentile, no clip or a float one, nothing to differentiate) with one C++ call
+#: and returns None for every other call, which then takes the general path. None where every call
+#: takes the general path (no compiled module, or ``ASH_EXT_FORCE_FALLBACK``).
+FAST_SHAPE: Optional[Callable[[Tensor, object, int, object, bool], Optional[Tensor]]] = (
+    None if _C is None or _FORCE_FALLBACK else _C.shape
+)
 
 
 def fallback_forced() -> bool:
