@@ -1,10 +1,12 @@
 """Microseconds per call of the public shaping functions on one small sample (issue 12, point 4).
 
-A call on a ``[1, n]`` tensor does almost no work in the kernel, so what this times is the
-per-call cost: argument checks, k, the dispatcher (and its autograd key under ``no_grad``), the
-C++ front end and the kernel's fixed costs. Next to ``ash_p`` / ``ash_b`` / ``ash_s`` / ``scale``
-it times ``x.clone()`` (a floor: one allocation and one pass) and the raw op
-``torch.ops.ash_ext.ash(x, k, variant)`` (no Python-side checks).
+A call on a ``[1, n]`` tensor does little work, so the per-call costs show: argument checks, k,
+the dispatcher (and its autograd key under ``no_grad``), the C++ front end, and the kernel's fixed
+costs next to its passes over the n values. Next to ``ash_p`` / ``ash_b`` / ``ash_s`` / ``scale``
+it times ``x.clone()`` (a floor: one allocation and one pass), the raw op
+``torch.ops.ash_ext.ash(x, k, variant)`` (no Python-side checks) and, where the public functions
+have their compiled fast path, ASH-S by the general path (``functional.shape_with``: what every
+call went through before).
 
 Every case is timed ``--number`` calls at a time, in rounds over all cases (so that other load on
 the machine disturbs every case alike); the table gives the median and the best of ``--repeat``
@@ -30,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ash_ext  # noqa: E402
-from ash_ext import kept_count  # noqa: E402
+from ash_ext import functional, kept_count  # noqa: E402
 from ash_ext._semantics import VARIANT_CODES  # noqa: E402
 
 PERCENTILE = 0.65
@@ -60,6 +62,11 @@ def cases(x: torch.Tensor) -> list[tuple[str, Callable[[], object]]]:
     ]
     for name, fn in PUBLIC.items():
         timed.append((name, lambda fn=fn: fn(x, PERCENTILE)))
+    shape_with = getattr(functional, "shape_with", None)
+    if shape_with is not None and getattr(functional, "FAST_SHAPE", None) is not None:
+        # What every call paid before the fast path: the checks, k, torch.ops and (under no_grad)
+        # the autograd key's Python kernel.
+        timed.append(("general path", lambda: shape_with(x, PERCENTILE, "ash-s")))
     return timed
 
 
