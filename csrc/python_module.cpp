@@ -1,6 +1,7 @@
 // The Python module ash_ext._C of the real build: importing it loads the library, whose static
-// initialisers register the ops, and it carries the backends' switches and reports. The op front
-// end (ops.cpp) does not depend on it, so other builds (the CUDA emulation) link without it.
+// initialisers register the ops, and it carries the backends' switches and reports and the public
+// functions' fast path (shape). The op front end (ops.cpp) does not depend on it, so other builds
+// (the CUDA emulation) link without it.
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
