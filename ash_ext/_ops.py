@@ -4,6 +4,7 @@ chooses which implementation serves a tensor."""
 from __future__ import annotations
 
 import os
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -36,6 +37,16 @@ _COMPILED_WITH_CUDA = _C is not None and bool(_C.compiled_with_cuda())
 def compiled_with_cuda() -> bool:
     """Whether the compiled module contains the CUDA kernels."""
     return _COMPILED_WITH_CUDA
+
+
+#: The public functions' fast path in the compiled module (``shape`` in csrc/python_module.cpp):
+#: ``FAST_SHAPE(x, percentile, variant_code, clip, inplace)`` runs a plain eager call (an ordinary
+#: tensor, a float percentile, no clip or a float one, nothing to differentiate) with one C++ call
+#: and returns None for every other call, which then takes the general path. None where every call
+#: takes the general path (no compiled module, or ``ASH_EXT_FORCE_FALLBACK``).
+FAST_SHAPE: Optional[Callable[[Tensor, object, int, object, bool], Optional[Tensor]]] = (
+    None if _C is None or _FORCE_FALLBACK else _C.shape
+)
 
 
 def fallback_forced() -> bool:

@@ -7,9 +7,10 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.compiler import is_dynamo_compiling
 
 from . import fallback
-from ._ops import FALLBACK, implementation_for
+from ._ops import FALLBACK, FAST_SHAPE, implementation_for
 from ._semantics import (
     VARIANT_CODES,
     KeptCounts,
@@ -21,6 +22,9 @@ from ._semantics import (
     check_variant,
     resolve_kept_counts,
 )
+
+# The variants' codes, for the public functions' fast path.
+_ASH_P, _ASH_B, _ASH_S, _SCALE = (VARIANT_CODES[name] for name in ("ash-p", "ash-b", "ash-s", "scale"))
 
 
 def _op_k(k: KeptCounts) -> tuple[int, Optional[Tensor]]:
@@ -56,6 +60,24 @@ def shape_with(
     return torch.ops.ash_ext.ash(x, op_k, VARIANT_CODES[variant], ks, None, clamp_max)
 
 
+def _shape(
+    x: Tensor, percentile: Percentile, variant: str, code: int, inplace: bool, clip: Optional[float]
+) -> Tensor:
+    """:func:`shape` with the variant's ``code``: the compiled fast path where it serves the call
+    (a plain eager call, see ``FAST_SHAPE``), else the general path (checks, fallback, autograd).
+
+    Dynamo (torch.compile, strict torch.export) traces the general path: ``is_dynamo_compiling()``
+    is True there, so it never meets the opaque compiled call. The tracers that run this code
+    eagerly (make_fx, non-strict export, AOTAutograd) pass fake or functional tensors or have a
+    mode active, for which the fast path returns None; ``is_compiling()`` would cost twice as much.
+    """
+    if FAST_SHAPE is not None and not is_dynamo_compiling():
+        out = FAST_SHAPE(x, percentile, code, clip, inplace)
+        if out is not None:
+            return out
+    return shape_with(x, percentile, variant, inplace=inplace, clip=clip)
+
+
 def shape(
     x: Tensor,
     percentile: Percentile = 0.65,
@@ -73,7 +95,10 @@ def shape(
     pass: the result equals ``shape(x.clamp(max=clip), ...)``. Out of place unless
     ``inplace=True``, which writes into ``x`` and returns it (not differentiable).
     """
-    return shape_with(x, percentile, variant, inplace=inplace, clip=clip)
+    code = VARIANT_CODES.get(variant) if type(variant) is str else None
+    if code is None:  # not a variant: the general path raises
+        return shape_with(x, percentile, variant, inplace=inplace, clip=clip)
+    return _shape(x, percentile, variant, code, inplace, clip)
 
 
 def ash_p(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
@@ -85,7 +110,7 @@ def ash_p(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, cl
     :param inplace: write the result into ``x`` and return ``x``
     :param clip: ReAct's threshold: values are clamped at ``clip`` before selection and sums
     """
-    return shape(x, percentile, "ash-p", inplace=inplace, clip=clip)
+    return _shape(x, percentile, "ash-p", _ASH_P, inplace, clip)
 
 
 def ash_b(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
@@ -93,7 +118,7 @@ def ash_b(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, cl
 
     Arguments as for :func:`ash_p`.
     """
-    return shape(x, percentile, "ash-b", inplace=inplace, clip=clip)
+    return _shape(x, percentile, "ash-b", _ASH_B, inplace, clip)
 
 
 def ash_s(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
@@ -103,7 +128,7 @@ def ash_s(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, cl
     exp(s1 / 0) is 0 for s1 < 0 (kept: the output is zeros) and inf or NaN otherwise (replaced by 1).
     Arguments as for :func:`ash_p`.
     """
-    return shape(x, percentile, "ash-s", inplace=inplace, clip=clip)
+    return _shape(x, percentile, "ash-s", _ASH_S, inplace, clip)
 
 
 def scale(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
@@ -113,7 +138,7 @@ def scale(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, cl
     the zero-s2 rule is ASH-S's. Equal to ``pytorch_ood.detector.scale.scale`` where that is
     finite. Arguments as for :func:`ash_p`.
     """
-    return shape(x, percentile, "scale", inplace=inplace, clip=clip)
+    return _shape(x, percentile, "scale", _SCALE, inplace, clip)
 
 
 class TopkStats(NamedTuple):

@@ -131,6 +131,17 @@ bool usable_layout(const at::Tensor& t, SampleLayout* layout) {
   return is_batch_outer_dense(t) && describe_layout(t, layout);
 }
 
+// at::empty_like(x): a dense input's strides (channels_last in, channels_last out), else the
+// layout empty_like suggests. The fake implementation in Python is empty_like(x), so compiled
+// graphs see the real strides. For a dense x this is empty_like's own first case, without its
+// second dispatch (about 0.4 us of a call on a [1, 2048] input).
+at::Tensor output_like(const at::Tensor& x) {
+  if (x.is_non_overlapping_and_dense()) {
+    return at::empty_strided(x.sizes(), x.strides(), x.options());
+  }
+  return at::empty_like(x);
+}
+
 }  // namespace
 
 at::Tensor ash_forward(const at::Tensor& x, int64_t k, int64_t variant, const OptionalTensor& k_per_sample,
@@ -140,9 +151,7 @@ at::Tensor ash_forward(const at::Tensor& x, int64_t k, int64_t variant, const Op
   at::Tensor ks;
   const ShapeArgs args = make_args(x, k, k_per_sample, clamp_min, clamp_max, &ks);
   const c10::OptionalDeviceGuard guard(x.device());
-  // empty_like keeps a dense input's strides (channels_last in, channels_last out); the fake
-  // implementation in Python makes the same choice, so compiled graphs see the real strides.
-  at::Tensor out = at::empty_like(x);
+  at::Tensor out = output_like(x);
   if (x.numel() == 0) {
     return out;
   }

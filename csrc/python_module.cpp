@@ -1,16 +1,187 @@
 // The Python module ash_ext._C of the real build: importing it loads the library, whose static
-// initialisers register the ops, and it carries the backends' switches and reports. The op front
-// end (ops.cpp) does not depend on it, so other builds (the CUDA emulation) link without it.
+// initialisers register the ops, and it carries the backends' switches and reports and the public
+// functions' fast path (shape). The op front end (ops.cpp) does not depend on it, so other builds
+// (the CUDA emulation) link without it.
 #include <Python.h>
 
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <optional>
 
 #include "cpu/cpu_common.h"
 #include "cuda/launch_plan.h"
 
 namespace {
+
+// ---------------------------------------------------------------------------------------------
+// shape(x, percentile, variant, clip, inplace): the public functions' fast path
+// ---------------------------------------------------------------------------------------------
+//
+// ash_ext.ash_p(x, 0.65) and its siblings spend far longer in Python than in the kernel on a
+// small input: the checks, k, torch.ops' argument parsing and, under no_grad, the autograd key's
+// Python kernel (register_autograd), which only redispatches below autograd. This entry point
+// serves the plain eager call -- an ordinary tensor, a float percentile, at most a float clip --
+// with one C++ call, and returns None for everything else, which then takes the general path
+// (ash_ext.functional.shape_with: the checks, their messages, the fallback, autograd). So it
+// checks nothing a user is told about; it only decides whether a call is plain enough:
+//   * x is a torch.Tensor (or a Parameter), not a subclass, of a supported dtype and rank >= 2,
+//     a strided tensor on the CPU (or on CUDA where the CUDA kernels are built) with no
+//     functorch, functionalization or other wrapper keys;
+//   * no TorchFunctionMode and no TorchDispatchMode, functorch transform, pre-dispatch tracer,
+//     JIT tracer or other mode is active (they would see the call differently);
+//   * percentile is a float in [0, 1]; clip is None or a float other than NaN;
+//   * out of place: x does not require grad or grad mode is off -- the op then runs below the
+//     autograd key, as the autograd key's kernel itself would run it; in place: the same
+//     condition, else the general path raises the error it must.
+// Dynamo never reaches it (functional.py tests is_dynamo_compiling first); the tracers that run
+// eagerly (make_fx, non-strict torch.export, AOTAutograd) get None (fake tensors, active modes).
+
+// The ops, looked up once (they are registered by this library's static initialisers).
+using OptionalTensor = std::optional<at::Tensor>;
+using OptionalBound = std::optional<double>;
+
+const auto& ash_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ash_ext::ash", "").typed<
+      at::Tensor(const at::Tensor&, int64_t, int64_t, const OptionalTensor&, OptionalBound, OptionalBound)>();
+  return op;
+}
+
+const auto& ash_inplace_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("ash_ext::ash_", "").typed<
+      void(const at::Tensor&, int64_t, int64_t, const OptionalTensor&, OptionalBound, OptionalBound)>();
+  return op;
+}
+
+// k = n - round(n * percentile), the product a double rounded half to even: Python's
+// int(round(n * percentile)) in ash_ext._semantics.kept_count, whatever the FPU rounding mode.
+int64_t kept_count(int64_t n, double percentile) {
+  const double product = static_cast<double>(n) * percentile;
+  double rounded = std::floor(product);
+  const double rest = product - rounded;  // exact
+  if (rest > 0.5 || (rest == 0.5 && std::fmod(rounded, 2.0) != 0.0)) {
+    rounded += 1.0;
+  }
+  return n - static_cast<int64_t>(rounded);
+}
+
+// Whether the tensor's dispatch keys are those of a plain dense tensor of a device with a kernel.
+bool plain_device_keys(const at::Tensor& x) {
+  const c10::DispatchKeySet keys =
+      x.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView - c10::autocast_dispatch_keyset;
+  if (keys == c10::DispatchKeySet(c10::DispatchKey::CPU)) {
+    return true;
+  }
+#ifdef ASH_EXT_WITH_CUDA
+  if (keys == c10::DispatchKeySet(c10::DispatchKey::CUDA)) {
+    return true;
+  }
+#endif
+  return false;
+}
+
+// Whether nothing but the dispatcher's defaults is switched on for this thread.
+bool no_active_modes() {
+  const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_ -
+                                       c10::DispatchKeySet({c10::DispatchKey::BackendSelect,
+                                                            c10::DispatchKey::ADInplaceOrView});
+  return included.empty() && !at::impl::torch_function_mode_enabled();
+}
+
+// Values per sample, or -1 where that is above 2^53 (k's double product would not be exact).
+int64_t plain_sample_size(const at::Tensor& x) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < x.dim(); ++d) {
+    if (__builtin_mul_overflow(n, x.size(d), &n) || n > (int64_t(1) << 53)) {
+      return -1;
+    }
+  }
+  return n;
+}
+
+// Releases the GIL for the op (as torch.ops does); a Python kernel reached below takes it back.
+struct GilRelease {
+  PyThreadState* state = PyEval_SaveThread();
+  GilRelease() = default;
+  GilRelease(const GilRelease&) = delete;
+  GilRelease& operator=(const GilRelease&) = delete;
+  ~GilRelease() { PyEval_RestoreThread(state); }
+};
+
+PyObject* shape(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) {
+    PyErr_Format(PyExc_TypeError, "shape(x, percentile, variant, clip, inplace) takes 5 arguments, got %zd", nargs);
+    return nullptr;
+  }
+  PyObject* py_x = args[0];
+  PyObject* py_percentile = args[1];
+  PyObject* py_clip = args[3];
+  if (!THPVariable_CheckExact(py_x) || !PyFloat_CheckExact(py_percentile)) {
+    Py_RETURN_NONE;
+  }
+  const double percentile = PyFloat_AS_DOUBLE(py_percentile);
+  if (!(percentile >= 0.0 && percentile <= 1.0)) {  // NaN fails too
+    Py_RETURN_NONE;
+  }
+  OptionalBound clamp_max;
+  if (py_clip != Py_None) {
+    if (!PyFloat_CheckExact(py_clip) || std::isnan(PyFloat_AS_DOUBLE(py_clip))) {
+      Py_RETURN_NONE;
+    }
+    clamp_max = PyFloat_AS_DOUBLE(py_clip);
+  }
+  const long variant = PyLong_AsLong(args[2]);
+  if (variant < 0 || variant >= ash_ext::kVariantCount) {
+    if (PyErr_Occurred()) {
+      return nullptr;
+    }
+    Py_RETURN_NONE;
+  }
+  const int inplace = PyObject_IsTrue(args[4]);
+  if (inplace < 0) {
+    return nullptr;
+  }
+  const at::Tensor& x = THPVariable_Unpack(py_x);
+  const auto dtype = x.scalar_type();
+  if (x.dim() < 2 ||
+      !(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16) ||
+      !plain_device_keys(x) || !no_active_modes() || (x.requires_grad() && c10::GradMode::is_enabled())) {
+    Py_RETURN_NONE;
+  }
+  const int64_t n = plain_sample_size(x);
+  if (n < 0) {
+    Py_RETURN_NONE;
+  }
+  const int64_t k = kept_count(n, percentile);
+  if (inplace) {
+    {
+      // Through every dispatch key, as torch.ops.ash_ext.ash_ would go (ash_ has no autograd
+      // kernel: the autograd key's fallback runs, below it the backend's).
+      const GilRelease no_gil;
+      ash_inplace_op().call(x, k, variant, std::nullopt, std::nullopt, clamp_max);
+    }
+    Py_INCREF(py_x);
+    return py_x;
+  }
+  at::Tensor out;
+  {
+    const GilRelease no_gil;
+    const at::AutoDispatchBelowAutograd below_autograd;
+    out = ash_op().call(x, k, variant, std::nullopt, std::nullopt, clamp_max);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
 
 PyObject* compiled_with_cuda(PyObject* /*self*/, PyObject* /*args*/) {
 #ifdef ASH_EXT_WITH_CUDA
@@ -96,6 +267,8 @@ PyObject* cuda_launch_plan(PyObject* /*self*/, PyObject* args) {
 }
 
 PyMethodDef module_methods[] = {
+    {"shape", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(shape)), METH_FASTCALL,
+     "shape(x, percentile, variant, clip, inplace): the public functions' fast path, or None."},
     {"compiled_with_cuda", compiled_with_cuda, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {"cpu_isa", cpu_isa, METH_NOARGS, "The ISA build of the CPU kernel that runs."},
     {"cpu_isas", cpu_isas, METH_NOARGS, "The ISA builds of the CPU kernel this CPU can run, best last."},
