@@ -233,18 +233,20 @@ int64_t pass_window(const scalar_t* in, int64_t n, int64_t first_block, int64_t 
   int64_t above_total = 0;
   for_sum_blocks(n, first_block, last_block, [&](int64_t block, int64_t begin, int64_t end) {
     Acc<scalar_t> sum = {};
-    vec16::i32x16 above_lanes = {};  // minus the per-lane counts: fewer than kSumBlock each
+    M above_lanes = {};  // minus the per-lane counts, at most kSumBlock / 16 = 256: fit every lane width
     for_steps(begin, end, [&](int64_t i, auto len) {
       const K bits = vec16::load_bits(in + i, length(len));
       sum += vec16::to_acc<scalar_t>(bits);
       const K key = vec16::keys_of<scalar_t>(bits);
       const M valid = valid_lanes<M>(len);
-      above_lanes += vec16::as_i32(M(key > high) & valid);
+      above_lanes += M(key > high) & valid;
       const M inside = M((key - low) <= span) & valid;
       count += vec16::compress_store<key_type<scalar_t>>(key, inside, gathered + count);
     });
     block_sums[block] = vec16::lanes_total(sum);
-    above_total -= vec16::lanes_total(above_lanes);
+    for (int l = 0; l < kLanes; ++l) {
+      above_total -= above_lanes[l];
+    }
   });
   *above = above_total;
   return count;

@@ -5,6 +5,9 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+// Some AVX-512 intrinsics (e.g. _mm512_cvtph_ps) take a deliberately undefined input, which GCC 12
+// reports as maybe uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,popcnt,bmi,bmi2,lzcnt")
 #define ASH_EXT_ISA_NS avx512

@@ -311,10 +311,11 @@ ASH_EXT_VEC_INLINE Keys<scalar_t> keys_of(const Keys<scalar_t>& bits) {
   using key_t = key_type<scalar_t>;
   using K = Keys<scalar_t>;
   using M = Mask<scalar_t>;
-  constexpr int kTopBit = key_bits<key_t>() - 1;
   const K magnitude = bits & static_cast<key_t>(~T::kSign);
   const K canonical = select(magnitude == 0, K{}, bits);
-  const K flip = bitcast<K>(bitcast<M>(canonical) >> kTopBit) | T::kSign;
+  // All ones where the sign bit is set: a signed compare, which every ISA has for every lane width
+  // (AVX2 has no 64-bit arithmetic shift).
+  const K flip = bitcast<K>(bitcast<M>(canonical) < 0) | T::kSign;
   return select(magnitude > T::kInfBits, splat<K>(static_cast<key_t>(~key_t(0))), canonical ^ flip);
 }
 
@@ -326,6 +327,21 @@ ASH_EXT_VEC_INLINE Acc<scalar_t> to_acc(const Keys<scalar_t>& bits) {
   } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     return bitcast<f32x16>(convert<u32x16>(bits) << 16);
   } else {
+#if ASH_EXT_ISA_LEVEL >= 1
+    // F16C. It quiets a signalling NaN where the integer path below keeps it signalling; every
+    // use of these values is arithmetic, which quiets it alike, so the results do not differ.
+    f32x16 wide;
+    for (int i = 0; i < f32x16::kParts; ++i) {
+#if ASH_EXT_ISA_LEVEL >= 2
+      wide.p[i] = reinterpret_cast<f32x16::Part>(_mm512_cvtph_ps(reinterpret_cast<__m256i>(bits.p[0])));
+#else
+      const __m128i lower = reinterpret_cast<__m128i>(lanes_of<0>(bits.p[0], std::make_integer_sequence<int, 8>{}));
+      const __m128i upper = reinterpret_cast<__m128i>(lanes_of<8>(bits.p[0], std::make_integer_sequence<int, 8>{}));
+      wide.p[i] = reinterpret_cast<f32x16::Part>(_mm256_cvtph_ps(i == 0 ? lower : upper));
+#endif
+    }
+    return wide;
+#else
     // float16: the magnitude's bits moved into float32's places read 2^-112 times the value
     // (subnormals included, exactly), so one multiply by 2^112 rebiases the exponent; infinity
     // and NaN instead get float32's all-ones exponent, keeping NaN's payload.
@@ -334,6 +350,7 @@ ASH_EXT_VEC_INLINE Acc<scalar_t> to_acc(const Keys<scalar_t>& bits) {
     const u32x16 finite = bitcast<u32x16>(bitcast<f32x16>(shifted) * 0x1p112f);
     const u32x16 magnitude = select(shifted >= 0x0F800000u, shifted | 0x7F800000u, finite);
     return bitcast<f32x16>(magnitude | ((h & 0x8000u) << 16));
+#endif
   }
 }
 
@@ -348,6 +365,24 @@ ASH_EXT_VEC_INLINE Keys<scalar_t> from_acc(const Acc<scalar_t>& values) {
     const u32x16 rounded = (b + (((b >> 16) & 1u) + 0x7FFFu)) >> 16;
     return convert<u16x16>(select((b & 0x7FFFFFFFu) > 0x7F800000u, splat<u32x16>(0x7FC0u), rounded));
   } else {
+#if ASH_EXT_ISA_LEVEL >= 1
+    // F16C rounds to nearest even as c10 does; only NaN differs (it keeps the payload's top bits):
+    // those lanes get c10's 0x7E00 with the sign.
+    constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    u16x16 narrow;
+#if ASH_EXT_ISA_LEVEL >= 2
+    narrow.p[0] = reinterpret_cast<u16x16::Part>(_mm512_cvtps_ph(reinterpret_cast<__m512>(values.p[0]), kRound));
+#else
+    using Half8 = NativeVector<uint16_t, 16>::type;
+    const auto lower = reinterpret_cast<Half8>(_mm256_cvtps_ph(reinterpret_cast<__m256>(values.p[0]), kRound));
+    const auto upper = reinterpret_cast<Half8>(_mm256_cvtps_ph(reinterpret_cast<__m256>(values.p[1]), kRound));
+    narrow.p[0] = concatenated(lower, upper, std::make_integer_sequence<int, 16>{});
+#endif
+    const u32x16 b = bitcast<u32x16>(values);
+    const i16x16 nan = convert<i16x16>((b & 0x7FFFFFFFu) > 0x7F800000u);
+    const u16x16 quiet = convert<u16x16>(((b >> 16) & 0x8000u) | 0x7E00u);
+    return select(nan, quiet, narrow);
+#else
     // float16, round to nearest even. Normal results: rebias the exponent (127 -> 15) and round
     // the 13 dropped bits; subnormal ones: adding 0.5f leaves the value rounded to a multiple of
     // 2^-24 (0.5f's ulp) in the low mantissa bits -- a carry into 0x400 is the smallest normal.
@@ -361,6 +396,7 @@ ASH_EXT_VEC_INLINE Keys<scalar_t> from_acc(const Acc<scalar_t>& values) {
     result = select(a >= 0x477FF000u, splat<u32x16>(0x7C00u), result);
     result = select(a > 0x7F800000u, splat<u32x16>(0x7E00u), result);
     return convert<u16x16>(result | sign);
+#endif
   }
 }
 
