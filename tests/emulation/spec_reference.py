@@ -41,6 +41,13 @@ def kept_mask(flat: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     return ranks < ks.clamp(0, n).unsqueeze(1)
 
 
+def _selection(values: torch.Tensor, ks):
+    """The samples of ``values`` as [batch, n] rows, n, the ks as a tensor and the kept mask."""
+    flat = values.reshape(values.shape[0], -1)
+    ks = as_ks(values, ks)
+    return flat, flat.shape[1], ks, kept_mask(flat, ks)
+
+
 def _sums(flat64: torch.Tensor, mask: torch.Tensor):
     zero = torch.zeros((), dtype=torch.float64)
     s1 = flat64.sum(1)
@@ -67,12 +74,7 @@ def _invalid(ks: torch.Tensor, n: int) -> torch.Tensor:
 
 def forward(x: torch.Tensor, ks, variant: str, low=None, high=None) -> torch.Tensor:
     """The op's output (x's dtype and memory format)."""
-    xc = clamp(x, low, high)
-    batch = x.shape[0]
-    flat = xc.reshape(batch, -1)
-    n = flat.shape[1]
-    ks = as_ks(x, ks)
-    mask = kept_mask(flat, ks)
+    flat, n, ks, mask = _selection(clamp(x, low, high), ks)
     flat64 = flat.double()
     s1, s2 = _sums(flat64, mask)
     zero = torch.zeros((), dtype=x.dtype)
@@ -93,13 +95,9 @@ def forward(x: torch.Tensor, ks, variant: str, low=None, high=None) -> torch.Ten
 
 def backward(grad: torch.Tensor, x: torch.Tensor, ks, variant: str) -> torch.Tensor:
     """d(op(x))/dx^T grad, the selection recomputed from x (never clamped here)."""
-    batch = x.shape[0]
-    xs = x.reshape(batch, -1)
-    n = xs.shape[1]
-    ks = as_ks(x, ks)
-    mask = kept_mask(xs, ks)
+    xs, n, ks, mask = _selection(x, ks)
     x64 = xs.double()
-    g64 = grad.reshape(batch, -1).double()
+    g64 = grad.reshape(x.shape[0], -1).double()
     s1, s2 = _sums(x64, mask)
     factor = scale_factor(s1, s2, x.dtype).unsqueeze(1)
     zero = torch.zeros((), dtype=torch.float64)
@@ -128,12 +126,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, ks, variant: str) -> torch.Ten
 
 def stats(x: torch.Tensor, ks, low=None, high=None):
     """(threshold in x's dtype, s1, s2 in float64) per sample."""
-    xc = clamp(x, low, high)
-    batch = x.shape[0]
-    flat = xc.reshape(batch, -1)
-    n = flat.shape[1]
-    ks = as_ks(x, ks)
-    mask = kept_mask(flat, ks)
+    flat, n, ks, mask = _selection(clamp(x, low, high), ks)
     s1, s2 = _sums(flat.double(), mask)
     ordered = torch.sort(flat, dim=1, descending=True, stable=True).values
     picked = ordered.gather(1, (ks.clamp(1, n) - 1).unsqueeze(1)).squeeze(1)
