@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "cuda/ash_cuda.h"
-#include "cuda/ash_kernels.cuh"
+#include "cuda/launch_sequence.cuh"
 #include "cuda/kernel_setup.h"
 
 namespace ash_ext {
@@ -35,6 +35,29 @@ class CudaLauncher {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // A launch in clusters of cluster_blocks blocks (cudaLaunchKernelEx: <<< >>> has no cluster
+  // dimension); the grid is a whole number of clusters.
+  template <typename... Params, typename... Args>
+  void launch_cluster(void (*kernel)(Params...), unsigned grid, unsigned cluster_blocks, unsigned block,
+                      size_t shared_bytes, Args... args) {
+    prepare_launch(reinterpret_cast<const void*>(kernel), device_, grid, block, shared_bytes, dynamic_limit_,
+                   cluster_blocks);
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(grid, 1, 1);
+    config.blockDim = dim3(block, 1, 1);
+    config.dynamicSmemBytes = shared_bytes;
+    config.stream = stream_;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeClusterDimension;
+    attribute.val.clusterDim.x = cluster_blocks;
+    attribute.val.clusterDim.y = 1;
+    attribute.val.clusterDim.z = 1;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args...));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   void* scratch(int64_t bytes, bool zeroed) {
     buffers_.push_back(zeroed ? at::zeros({bytes}, byte_options_) : at::empty({bytes}, byte_options_));
     return buffers_.back().data_ptr();
@@ -48,22 +71,25 @@ class CudaLauncher {
   std::vector<at::Tensor> buffers_;
 };
 
+// Clusters from sm_90 on, up to 16 blocks (non-portable above 8; H100 and H200 allow 16).
 inline DeviceLimits current_device_limits() {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  return DeviceLimits{props->multiProcessorCount, static_cast<int64_t>(props->sharedMemPerBlockOptin)};
+  return DeviceLimits{props->multiProcessorCount, static_cast<int64_t>(props->sharedMemPerBlockOptin),
+                      props->major >= 9 ? kMaxClusterBlocks : 0};
 }
 
 template <typename scalar_t>
 void run_ash_cuda(bool backward, Variant variant, const scalar_t* x, const scalar_t* grad, scalar_t* out,
                   const ShapeArgs& args, const SampleLayout& layout, const at::Tensor& like) {
   const DeviceLimits limits = current_device_limits();
+  const RegimeRequest request = regime_request_from_env();
   CudaLauncher launcher(like, limits);
   const SampleKs ks{args.k_per_sample, args.k};
   const ClampBounds<scalar_t> clamp = clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max);
   if (backward) {
-    run_variant<scalar_t, true>(launcher, limits, variant, x, grad, out, ks, clamp, layout);
+    run_variant<scalar_t, true>(launcher, limits, variant, x, grad, out, ks, clamp, layout, request);
   } else {
-    run_variant<scalar_t, false>(launcher, limits, variant, x, grad, out, ks, clamp, layout);
+    run_variant<scalar_t, false>(launcher, limits, variant, x, grad, out, ks, clamp, layout, request);
   }
 }
 
@@ -74,7 +100,7 @@ void run_stats_cuda(const scalar_t* x, const ShapeArgs& args, const SampleLayout
   CudaLauncher launcher(like, limits);
   run_stats<scalar_t>(launcher, limits, x, SampleKs{args.k_per_sample, args.k},
                       clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max),
-                      StatsOutput<scalar_t>{threshold, total, kept}, layout);
+                      StatsOutput<scalar_t>{threshold, total, kept}, layout, regime_request_from_env());
 }
 
 }  // namespace cuda_detail

@@ -1,4 +1,5 @@
-// The ASH CUDA kernels and their launch sequence.
+// The ASH CUDA kernels of regimes 1 to 3 (regime 4, clusters: cluster_kernel.cuh; the launch
+// sequence: launch_sequence.cuh).
 //
 // Every sample is handled by a radix select over its order-preserving keys (radix_select.cuh),
 // 11 bits per pass, that yields the threshold key T, `need` (how many elements equal to T are
@@ -15,7 +16,7 @@
 // That costs the clamped path one more read and write of the input, and keeps the kernels of the
 // unclamped path, and the number of kernels compiled, as they were.
 //
-// Three regimes, chosen on the host from the shape alone (plan_launch, launch_plan.h):
+// The regimes, chosen on the host from the shape and the device (plan_launch, launch_plan.h):
 //  1. on chip: a sample that fits in shared memory next to the histogram (up to the device's
 //     opt-in limit) goes to one block, which reads it from global memory once into shared
 //     memory, runs every pass there, and writes the output once;
@@ -27,11 +28,8 @@
 //     the last block of the sample to finish a pass (found with an arrival counter) picks the
 //     bucket and stores the selection state for the next kernel. Sums are per-chunk partials that
 //     the sample's last block adds in chunk order. The number of launches depends on the shape
-//     only, and nothing waits for the host, so the op can be captured in a CUDA graph.
-//
-// The launch sequence (run_ash) is generic over a Launcher, so that the very same kernels and
-// sequence also run under the CPU emulator in tests/emulation (which defines
-// ASH_EXT_CUDA_EMULATION and provides its own <cuda_runtime.h>).
+//     only, and nothing waits for the host, so the op can be captured in a CUDA graph;
+//  4. a thread-block cluster per sample (cluster_kernel.cuh), on sm_90 and later.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -278,35 +276,39 @@ __device__ __forceinline__ SampleSums<acc_t> block_sums(SampleSums<acc_t> sums, 
 // ---------------------------------------------------------------------------------------------
 // Regimes 1 and 2: one block per sample.
 
-// The whole selection of one sample by one block. Ends with a barrier after the last read of
-// `sample`.
-template <int kLoadsInFlight, typename scalar_t>
-__device__ __forceinline__ SampleSelection<scalar_t> select_in_block(const scalar_t* sample, int64_t n, int64_t k,
-                                                                     const SampleLayout& layout, unsigned* hist,
-                                                                     SelectScratch& scratch) {
+// The whole selection of one sample: by one block (BlockHistogram; data is the sample, begin 0,
+// len n) or by a cluster (ClusterHistogram; data is this block's slice [begin, begin + len) of
+// the sample, and every block of the cluster calls it). Ends with a barrier after the last read
+// of `data`.
+template <int kLoadsInFlight, typename scalar_t, typename Histogram>
+__device__ __forceinline__ SampleSelection<scalar_t> select_sample(const scalar_t* data, int64_t begin, int64_t len,
+                                                                   int64_t n, int64_t k, const SampleLayout& layout,
+                                                                   const Histogram& histogram,
+                                                                   SelectScratch& scratch) {
   using key_t = key_type<scalar_t>;
   constexpr int kValueKeyBits = static_cast<int>(8 * sizeof(key_t));
-  const RadixSelection by_value = block_radix_select<kLoadsInFlight>(
-      sample, n, kValueKeyBits, static_cast<unsigned long long>(k),
+  const RadixSelection by_value = radix_select<kLoadsInFlight>(
+      data, len, kValueKeyBits, static_cast<unsigned long long>(k),
       [](int64_t, scalar_t value, unsigned long long* key) {
         *key = order_key(value);
         return true;
       },
-      hist, scratch);
+      histogram, scratch);
   SampleSelection<scalar_t> selection{static_cast<key_t>(by_value.key), by_value.rank_in_bucket, 0ull, n,
                                       &layout};
+  // bucket_size counts the whole sample's ties (the cluster's, combined): every block agrees.
   if (by_value.rank_in_bucket < by_value.bucket_size) {
     const key_t threshold = selection.threshold;
-    const RadixSelection by_index = block_radix_select<kLoadsInFlight>(
-        sample, n, tie_key_bits(n), by_value.rank_in_bucket,
+    const RadixSelection by_index = radix_select<kLoadsInFlight>(
+        data, len, tie_key_bits(n), by_value.rank_in_bucket,
         [&](int64_t offset, scalar_t value, unsigned long long* key) {
           if (order_key(value) != threshold) {
             return false;
           }
-          *key = tie_key(layout, n, offset);
+          *key = tie_key(layout, n, begin + offset);
           return true;
         },
-        hist, scratch);
+        histogram, scratch);
     selection.tie_cut = by_index.key;
   }
   return selection;
@@ -316,7 +318,7 @@ __device__ __forceinline__ SampleSelection<scalar_t> select_in_block(const scala
 template <typename scalar_t>
 __device__ __forceinline__ void fill_nan(scalar_t* data, int64_t begin, int64_t end) {
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
-    data[i] = nan_value<scalar_t>();
+    store_element(data + i, nan_value<scalar_t>());
   }
 }
 
@@ -374,7 +376,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kStaged && !kBackward ? kMin
     }
     const SampleSelection<scalar_t> selection =
         k == 0 ? SampleSelection<scalar_t>::keep_nothing(n, &layout)
-               : select_in_block<kLoadsInFlight>(sample, n, k, layout, hist, select_scratch);
+               : select_sample<kLoadsInFlight>(sample, 0, n, n, k, layout, BlockHistogram{hist}, select_scratch);
     Output output{};
     if constexpr (Output::kNeedsSums) {
       SampleSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};
@@ -694,131 +696,6 @@ __global__ void __launch_bounds__(kChunkThreads, kChunkBlocksResidentPerSm)
        begin += static_cast<int64_t>(gridDim.x) * tile) {
     map_elements(x, out, begin, min_int64(count, begin + tile), [&](int64_t, scalar_t value) { return clamp(value); });
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Launch planning and the launch sequence.
-
-// The clamp-pass tiles: 8 packs of 16 bytes per thread of a block.
-constexpr int64_t kClampTileBytes = int64_t(kChunkThreads) * 8 * 16;
-
-// Runs ASH (kBackward: its backward; grad is then non-null) on every sample, or, where
-// stats.wanted() (kVariant ASH-S, forward, out null), topk_stats. A Launcher provides
-//   void launch(void (*kernel)(Params...), unsigned grid, unsigned block, size_t shared_bytes,
-//               Args... args);        // on the op's stream, checked
-//   void* scratch(int64_t bytes, bool zeroed);  // device memory that outlives the launches
-template <typename scalar_t, Variant kVariant, bool kBackward, typename Launcher>
-void run_ash(Launcher& launcher, const DeviceLimits& limits, const scalar_t* x, const scalar_t* grad, scalar_t* out,
-             SampleKs ks, ClampBounds<scalar_t> clamp, StatsOutput<scalar_t> stats, const SampleLayout& layout) {
-  using acc_t = acc_type<scalar_t>;
-  using Output = AshOutput<scalar_t, kVariant, kBackward>;
-  const int64_t batch = layout.batch;
-  const int64_t n = layout.n;
-  const bool want_stats = stats.threshold != nullptr;
-  TORCH_INTERNAL_ASSERT(!want_stats || (kVariant == Variant::Scale && !kBackward));
-  TORCH_INTERNAL_ASSERT(!(kBackward && clamp.enabled), "ash_ext: the backward is never clamped");
-  const LaunchPlan plan = plan_launch(batch, n, static_cast<int64_t>(sizeof(scalar_t)), limits);
-  if (clamp.enabled && plan.regime != Regime::kOnChip) {
-    // Regimes 2 and 3 read the input in every pass: they run on a clamped copy instead (the
-    // output itself where there is one, which is then shaped in place).
-    const int64_t count = batch * n;
-    scalar_t* clamped = want_stats ? static_cast<scalar_t*>(launcher.scratch(
-                                         count * static_cast<int64_t>(sizeof(scalar_t)), /*zeroed=*/false))
-                                   : out;
-    const int64_t tile = kClampTileBytes / static_cast<int64_t>(sizeof(scalar_t));
-    const int64_t grid = min_int64(ceil_div(count, tile), kChunkBlocksPerSm * limits.sm_count);
-    launcher.launch(&clamp_kernel<scalar_t>, static_cast<unsigned>(grid), static_cast<unsigned>(kChunkThreads), 0,
-                    x, clamped, count, tile, clamp);
-    x = clamped;
-    clamp.enabled = false;
-  }
-  // Kernels 1 and 2 loop over samples when there are more than one launch's blocks.
-  const unsigned sample_grid = static_cast<unsigned>(batch < INT_MAX ? batch : INT_MAX);
-  if (plan.regime == Regime::kOnChip) {
-    launcher.launch(&sample_per_block_kernel<scalar_t, kVariant, kBackward, true>, sample_grid,
-                    static_cast<unsigned>(plan.threads), plan.shared_bytes, x, grad, out, batch, n, ks, clamp, stats,
-                    layout);
-    return;
-  }
-  if (plan.regime == Regime::kBlockPerSample) {
-    launcher.launch(&sample_per_block_kernel<scalar_t, kVariant, kBackward, false>, sample_grid,
-                    static_cast<unsigned>(plan.threads), plan.shared_bytes, x, grad, out, batch, n, ks, clamp, stats,
-                    layout);
-    return;
-  }
-
-  const int64_t chunk_len = plan.chunk_len;
-  const int64_t chunks = plan.chunks;
-  const unsigned grid = static_cast<unsigned>(batch * chunks);
-  const unsigned threads = static_cast<unsigned>(plan.threads);
-  auto* states = static_cast<ChunkedSampleState*>(
-      launcher.scratch(batch * static_cast<int64_t>(sizeof(ChunkedSampleState)), /*zeroed=*/true));
-  const int value_bits = static_cast<int>(8 * sizeof(key_type<scalar_t>));
-  for (int pass = 0; pass < digit_passes(value_bits); ++pass) {
-    launcher.launch(&chunked_histogram_kernel<scalar_t, false>, grid, threads, 0, x, n, chunk_len, chunks, ks,
-                    value_bits, pass, layout, states);
-  }
-  const int tie_bits = tie_key_bits(n);
-  for (int pass = 0; pass < digit_passes(tie_bits); ++pass) {
-    launcher.launch(&chunked_histogram_kernel<scalar_t, true>, grid, threads, 0, x, n, chunk_len, chunks, ks,
-                    tie_bits, pass, layout, states);
-  }
-  Output* outputs = nullptr;
-  if constexpr (Output::kNeedsSums) {
-    const int64_t partial_bytes = batch * chunks * static_cast<int64_t>(sizeof(SampleSums<acc_t>));
-    const int64_t output_bytes = batch * static_cast<int64_t>(sizeof(Output));
-    // Partials first: both element types' alignments divide the partials' size.
-    auto* bytes = static_cast<unsigned char*>(launcher.scratch(partial_bytes + output_bytes, /*zeroed=*/false));
-    auto* partials = reinterpret_cast<SampleSums<acc_t>*>(bytes);
-    outputs = reinterpret_cast<Output*>(bytes + partial_bytes);
-    launcher.launch(&chunked_sums_kernel<scalar_t, kVariant, kBackward>, grid, threads, 0, x, grad, n, chunk_len,
-                    chunks, ks, layout, states, partials, outputs, stats);
-  }
-  if (want_stats) {
-    return;  // topk_stats writes no output
-  }
-  launcher.launch(&chunked_output_kernel<scalar_t, kVariant, kBackward>, grid, threads, 0, x, grad, out, n,
-                  chunk_len, chunks, layout, states, static_cast<const Output*>(outputs));
-  if (ks.per_sample != nullptr) {
-    launcher.launch(&nan_fill_kernel<scalar_t>, grid, threads, 0, out, n, chunk_len, chunks, ks);
-  }
-}
-
-// What run_variant and run_stats take from the op's ShapeArgs (ash.h), in device terms.
-template <typename scalar_t>
-ClampBounds<scalar_t> clamp_bounds(bool clamped, double clamp_min, double clamp_max) {
-  return ClampBounds<scalar_t>{clamped, clamp_bound<scalar_t>(clamp_min), clamp_bound<scalar_t>(clamp_max)};
-}
-
-template <typename scalar_t, bool kBackward, typename Launcher>
-void run_variant(Launcher& launcher, const DeviceLimits& limits, Variant variant, const scalar_t* x,
-                 const scalar_t* grad, scalar_t* out, SampleKs ks, ClampBounds<scalar_t> clamp,
-                 const SampleLayout& layout) {
-  const StatsOutput<scalar_t> no_stats{nullptr, nullptr, nullptr};
-  switch (variant) {
-    case Variant::Prune:
-      run_ash<scalar_t, Variant::Prune, kBackward>(launcher, limits, x, grad, out, ks, clamp, no_stats, layout);
-      return;
-    case Variant::Binarize:
-      run_ash<scalar_t, Variant::Binarize, kBackward>(launcher, limits, x, grad, out, ks, clamp, no_stats, layout);
-      return;
-    case Variant::Scale:
-      run_ash<scalar_t, Variant::Scale, kBackward>(launcher, limits, x, grad, out, ks, clamp, no_stats, layout);
-      return;
-    case Variant::ScaleUnpruned:
-      run_ash<scalar_t, Variant::ScaleUnpruned, kBackward>(launcher, limits, x, grad, out, ks, clamp, no_stats,
-                                                           layout);
-      return;
-  }
-  TORCH_INTERNAL_ASSERT(false, "ash_ext: unknown variant ", static_cast<int64_t>(variant));
-}
-
-// topk_stats: ASH-S's forward kernels up to its sums (the very code and order of its factor),
-// storing threshold, s1 and s2 instead of shaping.
-template <typename scalar_t, typename Launcher>
-void run_stats(Launcher& launcher, const DeviceLimits& limits, const scalar_t* x, SampleKs ks,
-               ClampBounds<scalar_t> clamp, StatsOutput<scalar_t> stats, const SampleLayout& layout) {
-  run_ash<scalar_t, Variant::Scale, false>(launcher, limits, x, nullptr, nullptr, ks, clamp, stats, layout);
 }
 
 }  // namespace cuda_detail

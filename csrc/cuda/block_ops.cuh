@@ -7,6 +7,7 @@
 // order. No float atomics are used anywhere.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -92,6 +93,30 @@ struct alignas(16) Pack {
   scalar_t v[kSize];
 };
 
+// Every access to a tensor's elements goes through load_pack / store_pack or load_element /
+// store_element, so that the emulator can count the kernels' global-memory traffic (the launch
+// plan's byte counts are tested against that count); shared-memory accesses through them are not
+// counted. On a GPU they are plain loads and stores.
+#ifdef ASH_EXT_CUDA_EMULATION
+__device__ __forceinline__ void note_access(const void* p, size_t bytes, bool write) {
+  ::emu::Runtime::get().count_access(p, bytes, write);
+}
+#else
+__device__ __forceinline__ void note_access(const void*, size_t, bool) {}
+#endif
+
+template <typename T>
+__device__ __forceinline__ T load_element(const T* p) {
+  note_access(p, sizeof(T), false);
+  return *p;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_element(T* p, T value) {
+  note_access(p, sizeof(T), true);
+  *p = value;
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ bool is_pack_aligned(const scalar_t* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
@@ -99,6 +124,7 @@ __device__ __forceinline__ bool is_pack_aligned(const scalar_t* p) {
 
 template <typename scalar_t>
 __device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p, bool aligned) {
+  note_access(p, sizeof(Pack<scalar_t>), false);
   Pack<scalar_t> pack;
   if (aligned) {
     pack = *reinterpret_cast<const Pack<scalar_t>*>(p);
@@ -113,6 +139,7 @@ __device__ __forceinline__ Pack<scalar_t> load_pack(const scalar_t* p, bool alig
 
 template <typename scalar_t>
 __device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t>& pack, bool aligned) {
+  note_access(p, sizeof(Pack<scalar_t>), true);
   if (aligned) {
     *reinterpret_cast<Pack<scalar_t>*>(p) = pack;
   } else {
@@ -205,13 +232,13 @@ __device__ __forceinline__ void visit_range(const scalar_t* first, const scalar_
   if (tail < end && static_cast<int64_t>(threadIdx.x) == packs % static_cast<int64_t>(blockDim.x)) {
     for (int64_t i = tail; i < end; ++i) {
       if constexpr (kWrite && kWithSecond) {
-        out[i] = fn(i, first[i], second[i]);
+        store_element(out + i, fn(i, load_element(first + i), load_element(second + i)));
       } else if constexpr (kWrite) {
-        out[i] = fn(i, first[i]);
+        store_element(out + i, fn(i, load_element(first + i)));
       } else if constexpr (kWithSecond) {
-        fn(i, first[i], second[i]);
+        fn(i, load_element(first + i), load_element(second + i));
       } else {
-        fn(i, first[i]);
+        fn(i, load_element(first + i));
       }
     }
   }
@@ -288,7 +315,7 @@ __device__ __forceinline__ void copy_to_shared(const scalar_t* source, scalar_t*
     shared_packs[g] = transform_pack(load_pack(source + g * kPackSize, aligned), transform);
   }
   for (int64_t i = packs * kPackSize + threadIdx.x; i < n; i += blockDim.x) {
-    shared[i] = transform(source[i]);
+    shared[i] = transform(load_element(source + i));
   }
 }
 

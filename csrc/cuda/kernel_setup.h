@@ -39,7 +39,10 @@ class KernelSetup {
   // The kernel's facts on `device`, with its dynamic shared-memory limit raised to
   // `dynamic_limit` first if `uses_dynamic_shared`. Thread-safe; the runtime is called once per
   // kernel and device (twice where a kernel is first launched without dynamic shared memory).
-  KernelFacts prepare(const void* kernel, int device, bool uses_dynamic_shared, size_t dynamic_limit) {
+  // Clusters of more than 8 blocks need cudaFuncAttributeNonPortableClusterSizeAllowed, set once
+  // on the first such launch (`large_clusters`).
+  KernelFacts prepare(const void* kernel, int device, bool uses_dynamic_shared, size_t dynamic_limit,
+                      bool large_clusters = false) {
     const std::lock_guard<std::mutex> lock(mutex_);
     Entry& entry = entries_[std::make_pair(kernel, device)];
     if (!entry.have_facts) {
@@ -57,6 +60,11 @@ class KernelSetup {
             "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
       entry.dynamic_limit_set = true;
     }
+    if (large_clusters && !entry.large_clusters_set) {
+      check(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+            "cudaFuncSetAttribute(NonPortableClusterSizeAllowed)");
+      entry.large_clusters_set = true;
+    }
     return entry.facts;
   }
 
@@ -65,6 +73,7 @@ class KernelSetup {
     KernelFacts facts{};
     bool have_facts = false;
     bool dynamic_limit_set = false;
+    bool large_clusters_set = false;
   };
 
   static void check(cudaError_t status, const char* call) {
@@ -75,12 +84,17 @@ class KernelSetup {
   std::map<std::pair<const void*, int>, Entry> entries_;
 };
 
-// Prepares `kernel` for a launch of grid x block threads with `shared_bytes` of dynamic shared
-// memory on `device`, and checks the launch against the kernel's facts and the plan's limits, so
-// that a planner bug is a clear error here and never a failed launch.
+// Prepares `kernel` for a launch of grid x block threads (in clusters of cluster_blocks blocks)
+// with `shared_bytes` of dynamic shared memory on `device`, and checks the launch against the
+// kernel's facts and the plan's limits, so that a planner bug is a clear error here and never a
+// failed launch.
 inline void prepare_launch(const void* kernel, int device, unsigned grid, unsigned block, size_t shared_bytes,
-                           size_t dynamic_limit) {
-  const KernelFacts facts = KernelSetup::instance().prepare(kernel, device, shared_bytes > 0, dynamic_limit);
+                           size_t dynamic_limit, unsigned cluster_blocks = 1) {
+  TORCH_CHECK(cluster_blocks >= 1 && cluster_blocks <= static_cast<unsigned>(kMaxClusterBlocks) &&
+                  grid % cluster_blocks == 0,
+              "ash_ext: a launch of ", grid, " blocks in clusters of ", cluster_blocks);
+  const KernelFacts facts = KernelSetup::instance().prepare(
+      kernel, device, shared_bytes > 0, dynamic_limit, cluster_blocks > static_cast<unsigned>(kMaxPortableClusterBlocks));
   TORCH_CHECK(grid >= 1 && grid <= static_cast<unsigned>(INT_MAX), "ash_ext: a launch of ", grid, " blocks");
   TORCH_CHECK(block >= 1 && static_cast<int>(block) <= facts.max_threads, "ash_ext: a launch of ", block,
               " threads per block, but the kernel allows at most ", facts.max_threads);

@@ -120,7 +120,7 @@ __device__ __forceinline__ void count_digits(const scalar_t* data, int64_t begin
   const int64_t tail = begin + packs * kPackSize;
   if (tail < end && static_cast<int64_t>(threadIdx.x) == packs % static_cast<int64_t>(blockDim.x)) {
     for (int64_t i = tail; i < end; ++i) {
-      const unsigned digit = digit_of(i, data[i]);
+      const unsigned digit = digit_of(i, load_element(data + i));
       if (digit != kNoDigit) {
         atomicAdd(&hist[digit], 1u);
       }
@@ -178,16 +178,31 @@ struct RadixSelection {
   unsigned long long bucket_size;     // how many candidates equal `key`
 };
 
-// The rank-th largest key among the candidates of one sample of n elements, found by one block.
-// key_of(offset, value, &key) says whether the element is a candidate and gives its key (at most
-// key_bits wide). `hist` is shared memory of kNumBins counters (n must be below 2^32). Every
-// thread calls it and gets the same answer; it ends with a barrier after the block's last read
-// of `sample`.
-template <int kLoadsInFlight, typename scalar_t, typename KeyOf>
-__device__ __forceinline__ RadixSelection block_radix_select(const scalar_t* sample, int64_t n, int key_bits,
-                                                             unsigned long long rank, KeyOf key_of,
-                                                             unsigned* hist, SelectScratch& scratch) {
+// Where a selection's digit counts live. One block selecting alone: its shared histogram, made
+// complete by a block barrier. A cluster selecting together (ClusterHistogram, cluster_ops.cuh):
+// every block's histogram, combined through distributed shared memory after a cluster barrier.
+struct BlockHistogram {
+  unsigned* hist;
+
+  // After the block's counting: the counts are complete and visible to every thread.
+  __device__ __forceinline__ void counted() const { __syncthreads(); }
+  __device__ __forceinline__ unsigned long long count(int digit) const { return hist[digit]; }
+  // After the bucket is chosen: nobody reads the counts any more, the next pass may clear them.
+  __device__ __forceinline__ void read() const { __syncthreads(); }
+};
+
+// The rank-th largest key among the candidates of the `len` elements at `data` (a sample, or in a
+// cluster this block's slice of it), found by the block (or the cluster, whose blocks all call it
+// with the same rank). key_of(offset, value, &key) -- offset within data -- says whether the
+// element is a candidate and gives its key (at most key_bits wide). histogram.hist is shared
+// memory of kNumBins counters (a histogram's counts must stay below 2^32). Every thread calls it
+// and gets the same answer; it ends with a barrier after the block's last read of `data`.
+template <int kLoadsInFlight, typename scalar_t, typename KeyOf, typename Histogram>
+__device__ __forceinline__ RadixSelection radix_select(const scalar_t* data, int64_t len, int key_bits,
+                                                       unsigned long long rank, KeyOf key_of,
+                                                       const Histogram& histogram, SelectScratch& scratch) {
   RadixSelection result{0ull, rank, 0ull};
+  unsigned* hist = histogram.hist;
   const int passes = digit_passes(key_bits);
   for (int pass = 0; pass < passes; ++pass) {
     const DigitPass digit = digit_pass(key_bits, pass);
@@ -197,20 +212,20 @@ __device__ __forceinline__ RadixSelection block_radix_select(const scalar_t* sam
       hist[d] = 0u;
     }
     __syncthreads();
-    count_digits<kLoadsInFlight>(sample, 0, n, hist, [&](int64_t offset, scalar_t value) {
+    count_digits<kLoadsInFlight>(data, 0, len, hist, [&](int64_t offset, scalar_t value) {
       unsigned long long key;
       return key_of(offset, value, &key) && (key & decided) == prefix ? digit.digit(key) : kNoDigit;
     });
-    __syncthreads();
-    choose_bucket([&](int d) { return static_cast<unsigned long long>(hist[d]); }, digit.bins(),
-                  result.rank_in_bucket, scratch.scan, &scratch.choice);
+    histogram.counted();
+    choose_bucket([&](int d) { return histogram.count(d); }, digit.bins(), result.rank_in_bucket, scratch.scan,
+                  &scratch.choice);
     const BucketChoice choice = scratch.choice;
     result.key = prefix | (static_cast<unsigned long long>(choice.digit) << digit.shift);
     result.rank_in_bucket -= choice.above;
     result.bucket_size = choice.count;
-    // Every thread has read `choice` (and choose_bucket has finished reading `hist`) before the
-    // next pass clears the histogram or a later choose_bucket resets `choice`.
-    __syncthreads();
+    // Every thread has read `choice` (and choose_bucket has finished reading the counts) before
+    // the next pass clears the histogram or a later choose_bucket resets `choice`.
+    histogram.read();
   }
   return result;
 }

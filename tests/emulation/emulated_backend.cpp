@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "ash.h"
-#include "cuda/ash_kernels.cuh"
+#include "cuda/launch_sequence.cuh"
 #include "cuda/kernel_setup.h"
 
 namespace {
@@ -36,6 +36,16 @@ class EmulatedLauncher {
     cuda_detail::prepare_launch(entry, g_device, grid, block, shared_bytes, dynamic_limit_);
     g_launch_log.push_back(std::to_string(grid) + "x" + std::to_string(block) + "+" + std::to_string(shared_bytes));
     emu::Runtime::get().run_grid(entry, grid, block, shared_bytes, [&] { kernel(args...); });
+  }
+
+  template <typename... Params, typename... Args>
+  void launch_cluster(void (*kernel)(Params...), unsigned grid, unsigned cluster_blocks, unsigned block,
+                      size_t shared_bytes, Args... args) {
+    const void* entry = reinterpret_cast<const void*>(kernel);
+    cuda_detail::prepare_launch(entry, g_device, grid, block, shared_bytes, dynamic_limit_, cluster_blocks);
+    g_launch_log.push_back(std::to_string(grid) + "x" + std::to_string(block) + "+" + std::to_string(shared_bytes) +
+                           " cluster " + std::to_string(cluster_blocks));
+    emu::Runtime::get().run_grid(entry, grid, block, shared_bytes, [&] { kernel(args...); }, cluster_blocks);
   }
 
   // "Uninitialised" scratch is filled with a pattern, so that reliance on zeros shows up.
@@ -85,7 +95,8 @@ void forward_emulated(const at::Tensor& x, const at::Tensor& out, const ShapeArg
     cuda_detail::run_variant<scalar_t, false>(
         launcher, g_limits, variant, x.data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(),
         cuda_detail::SampleKs{args.k_per_sample, args.k},
-        cuda_detail::clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max), layout);
+        cuda_detail::clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max), layout,
+        cuda_detail::regime_request_from_env());
   });
 }
 
@@ -98,7 +109,8 @@ void backward_emulated(const at::Tensor& grad, const at::Tensor& x, const at::Te
     cuda_detail::run_variant<scalar_t, true>(
         launcher, g_limits, variant, x.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(),
         cuda_detail::SampleKs{args.k_per_sample, args.k},
-        cuda_detail::clamp_bounds<scalar_t>(false, args.clamp_min, args.clamp_max), layout);
+        cuda_detail::clamp_bounds<scalar_t>(false, args.clamp_min, args.clamp_max), layout,
+        cuda_detail::regime_request_from_env());
   });
 }
 
@@ -113,20 +125,42 @@ void stats_emulated(const at::Tensor& x, const ShapeArgs& args, const SampleLayo
         cuda_detail::clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max),
         cuda_detail::StatsOutput<scalar_t>{threshold.data_ptr<scalar_t>(), total.data_ptr<acc_t>(),
                                            kept.data_ptr<acc_t>()},
-        layout);
+        layout, cuda_detail::regime_request_from_env());
   });
 }
 
-void set_device_limits(int64_t sm_count, int64_t shared_bytes_per_block) {
-  g_limits = cuda_detail::DeviceLimits{sm_count, shared_bytes_per_block};
-  emu::Runtime::get().select_device(++g_device, static_cast<size_t>(shared_bytes_per_block));
+// max_cluster_blocks 0: a device before sm_90 (no clusters).
+void set_device_limits(int64_t sm_count, int64_t shared_bytes_per_block, int64_t max_cluster_blocks) {
+  g_limits = cuda_detail::DeviceLimits{sm_count, shared_bytes_per_block, max_cluster_blocks};
+  emu::Runtime::get().select_device(++g_device, static_cast<size_t>(shared_bytes_per_block), max_cluster_blocks > 0);
 }
 
-// The regime the CUDA backend picks for `batch` samples of n elements: (regime, threads,
-// dynamic shared bytes, chunk length, chunks), regime 0 on chip, 1 block per sample, 2 chunked.
+// The regime the CUDA backend picks for `batch` samples of n elements (ASH_EXT_CUDA_REGIME
+// honoured): (regime, threads, dynamic shared bytes, chunk length, chunks), regime 0 on chip,
+// 1 block per sample, 2 chunked, 3 cluster (chunk length: slice length; chunks: cluster blocks).
 std::vector<int64_t> plan(int64_t batch, int64_t n, int64_t element_bytes) {
-  const cuda_detail::LaunchPlan p = cuda_detail::plan_launch(batch, n, element_bytes, g_limits);
+  const cuda_detail::LaunchPlan p =
+      cuda_detail::plan_launch(batch, n, element_bytes, g_limits, cuda_detail::regime_request_from_env());
   return {static_cast<int64_t>(p.regime), p.threads, static_cast<int64_t>(p.shared_bytes), p.chunk_len, p.chunks};
+}
+
+// The plan's launches and tensor-data bytes read and written (planned_traffic, launch_plan.h)
+// for that work and those sample counts.
+std::vector<int64_t> planned_traffic(int64_t batch, int64_t n, int64_t element_bytes, int64_t variant, bool backward,
+                                     bool clamped, bool per_sample_k, bool stats, int64_t tied, int64_t empty,
+                                     int64_t invalid) {
+  namespace cd = cuda_detail;
+  const cd::LaunchPlan p = cd::plan_launch(batch, n, element_bytes, g_limits, cd::regime_request_from_env());
+  const cd::PlannedTraffic t = cd::planned_traffic(
+      p, n, element_bytes, cd::PlannedWork{static_cast<Variant>(variant), backward, clamped, per_sample_k, stats},
+      cd::SampleCounts{batch - empty - invalid, tied, empty, invalid});
+  return {t.launches, t.bytes_read, t.bytes_written, t.small_bytes};
+}
+
+// Bytes of global memory the kernels read and wrote since the last call (and launches).
+std::vector<int64_t> take_traffic() {
+  const auto [read, written] = emu::Runtime::get().take_traffic();
+  return {static_cast<int64_t>(read), static_cast<int64_t>(written)};
 }
 
 std::vector<std::string> take_launch_log() {
@@ -166,6 +200,8 @@ TORCH_LIBRARY_IMPL(ash_ext, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_device_limits", &set_device_limits, "Emulated SM count and per-block shared memory limit");
   m.def("plan", &plan, "The CUDA backend's launch plan for a shape");
+  m.def("planned_traffic", &planned_traffic, "The plan's launches, bytes read and written, small bytes");
+  m.def("take_traffic", &take_traffic, "Global bytes read and written by the kernels since the last call");
   m.def("take_launch_log", &take_launch_log, "Launches since the last call, as 'grid x block + shared'");
   m.def("run_unchecked", &run_unchecked, "The kernels without the front end's checks (contiguous tensors)");
   m.def("seed", [](int64_t seed) { emu::Runtime::get().seed(static_cast<uint64_t>(seed)); });

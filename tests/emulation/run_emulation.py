@@ -2,10 +2,13 @@
 
 The kernels and their launch sequence are compiled as plain C++ with an emulated CUDA runtime and
 registered as the ash_ext ops' CPU implementation in a module of their own; this script then
-compares them with the pure-PyTorch fallback on shapes that reach each of the three regimes
-(with small emulated GPUs, so that the shapes stay small), the windows of the launch rules, ties,
-NaN/inf, channels_last, in place, k = 0 and k = n, forward and backward, and checks that repeated
-runs are bitwise equal. A violated launch rule raises, which counts as a failure.
+compares them with the pure-PyTorch fallback on shapes that reach each of the four regimes
+(with small emulated GPUs, so that the shapes stay small; the cluster regime on an emulated
+Hopper), the windows of the launch rules, ties, NaN/inf, channels_last, in place, k = 0 and
+k = n, forward and backward, and checks that repeated runs are bitwise equal. After every op it
+compares the global-memory bytes the kernels read and wrote (counted by the emulator) with the
+launch plan's (planned_traffic, launch_plan.h). A violated launch rule raises, which counts as a
+failure.
 
 Run it in a process of its own: it must not share a process with ash_ext._C (both define the
 ash_ext op namespace).
@@ -43,6 +46,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 SM_COUNT = 2
 SMALL_SHARED_PER_BLOCK = 64 * 1024
 H100_SHARED_PER_BLOCK = 227 * 1024
+# The emulated Hopper of the cluster regime: 8 multiprocessors (so that batches of 1 to 3 spread
+# over clusters of 3 to 8 blocks), SMALL's shared memory (so that a sample needs a cluster at
+# 14k float32 values), clusters of up to 16 blocks.
+HOPPER_SM_COUNT = 8
+HOPPER_MAX_CLUSTER = 16
+REGIMES = {0: "on-chip", 1: "block-per-sample", 2: "chunked", 3: "cluster"}
 # Shared-memory facts of launch_plan.h, to place shapes at the regime boundaries and in the
 # window of the 48 KiB default limit (dynamic shared memory = histogram + staged sample).
 HISTOGRAM_BYTES = 2048 * 4
@@ -116,6 +125,24 @@ def kept_count(n: int, percentile: float) -> int:
     return n - int(round(n * percentile))
 
 
+def sample_counts(x: torch.Tensor, ks, low=None, high=None):
+    """(tied, empty, invalid): samples whose threshold ties must be broken (a dropped value equals
+    the k-th largest), samples with k == 0, and samples with k outside [0, n] -- what the
+    planned traffic depends on."""
+    flat = spec_reference.clamp(x, low, high).reshape(x.shape[0], -1)
+    n = flat.shape[1]
+    ks = spec_reference.as_ks(x, ks)
+    ordered = torch.sort(flat.double(), dim=1, descending=True, stable=True).values
+    tied = 0
+    for b, k in enumerate(ks.tolist()):
+        if 0 < k < n:
+            last, first_dropped = ordered[b, k - 1], ordered[b, k]
+            tied += int(bool(last == first_dropped) or bool(torch.isnan(last) and torch.isnan(first_dropped)))
+    empty = int((ks == 0).sum())
+    invalid = int(((ks < 0) | (ks > n)).sum())
+    return tied, empty, invalid
+
+
 def make_input(kind: str, shape, dtype, generator) -> torch.Tensor:
     if kind == "normal":
         x = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -153,6 +180,25 @@ class Checker:
         self.failures = []
         self.count = 0
         self.regimes_seen = set()
+        self.traffic_checked = set()
+
+    def traffic(self, label, x, ks, variant_id, backward=False, low=None, high=None, stats=False, per_sample=False):
+        """The global bytes the kernels moved since the last take_traffic, against the plan's."""
+        read, written = self.module.take_traffic()
+        # The chunked pipeline's zeroed state is a fill kernel on a GPU (at::zeros), on the host here.
+        launched = len(self.module.take_launch_log()) + (1 if self.regime(x) == 2 else 0)
+        tied, empty, invalid = sample_counts(x, ks, low, high)
+        batch, n = x.shape[0], x[0].numel()
+        launches, planned_read, planned_written, _ = self.module.planned_traffic(
+            batch, n, x.element_size(), variant_id, backward, low is not None or high is not None, per_sample, stats,
+            tied, empty, invalid)
+        self.count += 1
+        self.traffic_checked.add(self.regime(x))
+        if (read, written, launched) != (planned_read, planned_written, launches):
+            self.failures.append(f"{label}: counted {read} bytes read, {written} written, {launched} launches; "
+                                 f"planned {planned_read}, {planned_written}, {launches}")
+            print(f"FAIL {label} traffic: counted {read}/{written}/{launched}, "
+                  f"planned {planned_read}/{planned_written}/{launches}", flush=True)
 
     def regime(self, x: torch.Tensor) -> int:
         n = x[0].numel()
@@ -191,9 +237,13 @@ class Checker:
         want = self.fallback.shape(x.clone(), k, variant)
         if inplace:
             got = x.clone()
+            self.module.take_traffic(), self.module.take_launch_log()
             torch.ops.ash_ext.ash_(got, k, VARIANTS[variant])
         else:
+            self.module.take_traffic(), self.module.take_launch_log()
             got = torch.ops.ash_ext.ash(x, k, VARIANTS[variant])
+        self.traffic(label, x, k, VARIANTS[variant])
+        if not inplace:
             if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
                 self.count += 1
                 if not got.is_contiguous(memory_format=torch.channels_last):
@@ -206,7 +256,9 @@ class Checker:
         self.regimes_seen.add(self.regime(x))
         generator = torch.Generator().manual_seed(7)
         grad = torch.empty_like(x).copy_(torch.randn(x.shape, generator=generator, dtype=torch.float64))
+        self.module.take_traffic(), self.module.take_launch_log()
         got = torch.ops.ash_ext.ash_backward(grad, x, k, VARIANTS[variant])
+        self.traffic(label, x, k, VARIANTS[variant], backward=True)
         self.compare(
             f"{label} grad vs formula", got, spec_backward(self.fallback, x, grad, k, variant), "ash-s", x.dtype
         )
@@ -342,11 +394,15 @@ class FamilyChecker:
             c.regimes_seen.add(c.regime(x))
             want = spec_reference.forward(x, ks, variant, low, high)
             k, per_sample = (ks, None) if isinstance(ks, int) else (0, ks)
+            vid = spec_reference.VARIANT_IDS[variant]
             if inplace:
                 got = x.clone()
-                torch.ops.ash_ext.ash_(got, k, spec_reference.VARIANT_IDS[variant], per_sample, low, high)
+                self.module.take_traffic(), self.module.take_launch_log()
+                torch.ops.ash_ext.ash_(got, k, vid, per_sample, low, high)
             else:
-                got = torch.ops.ash_ext.ash(x, k, spec_reference.VARIANT_IDS[variant], per_sample, low, high)
+                self.module.take_traffic(), self.module.take_launch_log()
+                got = torch.ops.ash_ext.ash(x, k, vid, per_sample, low, high)
+            c.traffic(label, x, ks, vid, low=low, high=high, per_sample=per_sample is not None)
             c.compare(f"{label} values", got, want, variant, x.dtype)
             if variant == "ash-p":
                 return
@@ -366,7 +422,9 @@ class FamilyChecker:
             generator = torch.Generator().manual_seed(7)
             grad = torch.empty_like(x).copy_(torch.randn(x.shape, generator=generator, dtype=torch.float64))
             k, per_sample = (ks, None) if isinstance(ks, int) else (0, ks)
+            self.module.take_traffic(), self.module.take_launch_log()
             got = torch.ops.ash_ext.ash_backward(grad, x, k, spec_reference.VARIANT_IDS[variant], per_sample)
+            c.traffic(label, x, ks, spec_reference.VARIANT_IDS[variant], backward=True, per_sample=per_sample is not None)
             c.compare(f"{label} grad", got, spec_reference.backward(grad, x, ks, variant), "scale", x.dtype)
 
         c.run(label, go)
@@ -377,7 +435,9 @@ class FamilyChecker:
         def go():
             c.regimes_seen.add(c.regime(x))
             k, per_sample = (ks, None) if isinstance(ks, int) else (0, ks)
+            self.module.take_traffic(), self.module.take_launch_log()
             got = torch.ops.ash_ext.topk_stats(x, k, per_sample, low, high)
+            c.traffic(label, x, ks, 2, low=low, high=high, stats=True, per_sample=per_sample is not None)
             self.compare_stats(label, x, got, spec_reference.stats(x, ks, low, high))
 
         c.run(label, go)
@@ -425,17 +485,23 @@ class FamilyChecker:
                 threshold = torch.empty(x.shape[0], dtype=x.dtype)
                 total = torch.empty(x.shape[0], dtype=acc)
                 kept = torch.empty(x.shape[0], dtype=acc)
+                self.module.take_traffic(), self.module.take_launch_log()
                 self.module.run_unchecked(x, empty, threshold, ks, -1, total, kept)
+                c.traffic(label, x, ks, 2, stats=True, per_sample=True)
                 self.compare_stats(label, x, (threshold, total, kept), spec_reference.stats(x, ks))
                 return
             out = torch.empty_like(x)
             vid = spec_reference.VARIANT_IDS[variant]
             if backward:
                 grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(x.dtype)
+                self.module.take_traffic(), self.module.take_launch_log()
                 self.module.run_unchecked(x, grad, out, ks, vid, empty, empty)
+                c.traffic(label, x, ks, vid, backward=True, per_sample=True)
                 want = spec_reference.backward(grad, x, ks, variant)
             else:
+                self.module.take_traffic(), self.module.take_launch_log()
                 self.module.run_unchecked(x, empty, out, ks, vid, empty, empty)
+                c.traffic(label, x, ks, vid, per_sample=True)
                 want = spec_reference.forward(x, ks, variant)
             c.compare(f"{label} values", out, want, "scale", x.dtype)
 
@@ -501,10 +567,135 @@ def run_family_checks(checker: Checker, module, case_set: str, dtypes, generator
         family.stats(f"family channels_last {label} stats", x, ks, -1.0, 2.0)
 
 
+def cluster_shapes(dtype, case_set: str):
+    """(label, shape) pairs for the cluster regime on the emulated Hopper: a sample that needs 3
+    blocks in a batch of 2, one that needs 3 alone (spread to 8 blocks), one that fits a block
+    but spreads over 2 blocks as the only sample, and 4-D maps."""
+    element = torch.empty((), dtype=dtype).element_size()
+    per_block = on_chip_limit(element, SMALL_SHARED_PER_BLOCK)
+    shapes = [
+        ("cluster", (2, 2 * per_block + 2000)),
+        ("cluster batch 1", (1, 2 * per_block + 5)),
+        ("cluster spread", (1, 40 * 1024 // element + 3)),
+        ("cluster 4-D", (3, 2, 8, per_block // 8 + 1)),
+    ]
+    keep = {
+        "full": [label for label, _ in shapes],
+        "quick": ["cluster", "cluster spread"] + (["cluster batch 1", "cluster 4-D"] if element == 4 else []),
+        "sanitize": ["cluster"],
+        "smoke": ["cluster", "cluster spread"],
+    }[case_set]
+    return [s for s in shapes if s[0] in keep]
+
+
+def run_cluster_checks(checker: Checker, module, case_set: str, dtypes, generator) -> None:
+    """The cluster regime on an emulated Hopper: every dtype, variant and tie case against the
+    fallback, the shaping family's cases, layouts, in place, and the regimes side by side."""
+    module.set_device_limits(HOPPER_SM_COUNT, SMALL_SHARED_PER_BLOCK, HOPPER_MAX_CLUSTER)
+    family = FamilyChecker(checker, module)
+    kinds = {"full": ("normal", "relu", "integers", "special"), "quick": ("relu", "integers", "special"),
+             "sanitize": ("integers",), "smoke": ("relu", "integers")}[case_set]
+    variants = ("ash-s", "ash-p") if case_set == "sanitize" else tuple(VARIANTS)
+    for dtype in dtypes:
+        for label, shape in cluster_shapes(dtype, case_set):
+            t0 = time.time()
+            for kind_index, kind in enumerate(kinds):
+                x = family_input(kind, shape, dtype, generator)
+                where = f"{dtype} {label} {shape} {kind}"
+                if checker.regime(x) != 3:
+                    checker.failures.append(f"{where}: not in the cluster regime: {module.plan(shape[0], x[0].numel(), x.element_size())}")
+                for variant in variants:
+                    checker.forward(x, 0.65, variant, f"{where} {variant}")
+                checker.backward(x, 0.65, "ash-s", f"{where} ash-s")
+                batch, n = x.shape[0], x[0].numel()
+                ks = per_sample_ks(batch, n, rotate=kind_index)
+                low, high = clamp_configs(x)[kind_index % 3][1:]
+                family.forward(f"family {where} scale ks clamp", x, ks, "scale", low, high)
+                family.backward(f"family {where} scale backward ks", x, ks, "scale")
+                family.stats(f"family {where} stats ks clamp", x, ks, low, high)
+                if kind_index == 0 and case_set != "sanitize":
+                    bad = ks.clone()
+                    bad[0] = -1
+                    for variant in ("ash-b", "stats"):
+                        family.unchecked(f"family {where} invalid ks {bad.tolist()} {variant}", x, bad, variant)
+                    family.unchecked(f"family {where} invalid ks ash-s backward", x, bad, "ash-s", True)
+            print(f"cluster {dtype} {label} {shape}: {time.time() - t0:.1f}s", flush=True)
+    if case_set == "sanitize":
+        x = make_input("relu", cluster_shapes(torch.float32, "sanitize")[0][1], dtypes[0], generator)
+        checker.forward(x, 0.65, "ash-b", "cluster in-place", inplace=True)
+        return
+    dtype = torch.float32
+    x = make_input("relu", cluster_shapes(dtype, "smoke")[0][1], dtype, generator)
+    for variant in VARIANTS:
+        checker.forward(x, 0.0, variant, f"cluster k=n {variant}")
+        checker.forward(x, 1.0, variant, f"cluster k=0 {variant}")
+        checker.forward(x, 0.65, variant, f"cluster in-place {variant}", inplace=True)
+        checker.backward(x, 0.65, variant, f"cluster backward {variant}")
+    checker.forward(make_input("constant", x.shape, dtype, generator), 0.5, "ash-s", "cluster constant")
+    first = checker.run("cluster run-to-run", torch.ops.ash_ext.ash, x, kept_count(x[0].numel(), 0.65), 2)
+    module.seed(5)
+    again = checker.run("cluster run-to-run", torch.ops.ash_ext.ash, x, kept_count(x[0].numel(), 0.65), 2)
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(x.shape).copy_(x)
+    moved = checker.run("cluster misaligned", torch.ops.ash_ext.ash, shifted, kept_count(x[0].numel(), 0.65), 2)
+    if first is not None and again is not None and moved is not None:
+        checker.compare("cluster run-to-run", again, first, "ash-s", dtype, exact=True)
+        checker.compare("cluster misaligned copy", moved, first, "ash-s", dtype, exact=True)
+    for kind in ("relu", "integers"):
+        y = make_input(kind, (2, 64, 15, 15), dtype, generator).to(memory_format=torch.channels_last)
+        for variant in ("ash-p", "ash-s"):
+            checker.forward(y, 0.65, variant, f"cluster channels_last {kind} {variant}")
+            checker.forward(y, 0.65, variant, f"cluster channels_last in-place {kind} {variant}", inplace=True)
+            checker.backward(y, 0.65, variant, f"cluster channels_last {kind} {variant}")
+        family.forward(f"family cluster channels_last {kind} scale", y, per_sample_ks(2, y[0].numel()), "scale",
+                       -1.0, 2.0)
+    # More than 8 blocks: the non-portable cluster size (its attribute set by the launcher).
+    per_block = on_chip_limit(4, SMALL_SHARED_PER_BLOCK)
+    big = make_input("integers", (1, 9 * per_block + 100), dtype, generator)
+    if module.plan(1, big[0].numel(), 4)[4] <= 8:
+        checker.failures.append(f"no cluster of more than 8 blocks for {list(big.shape)}")
+    for variant in ("ash-p", "ash-s"):
+        checker.forward(big, 0.65, variant, f"cluster of {module.plan(1, big[0].numel(), 4)[4]} {variant}")
+    compare_regimes(checker, module, generator, dtypes)
+
+
+FORCED_REGIMES = {"cluster": ("cluster",), "sample-per-block": ("on-chip", "block-per-sample"), "chunked": ("chunked",)}
+
+
+def compare_regimes(checker: Checker, module, generator, dtypes) -> None:
+    """ASH_EXT_CUDA_REGIME forces each regime on the same inputs: ASH-P bit-identical across them,
+    the sums' variants within tolerance, and each regime's counted traffic its own plan's."""
+    cases = [((2, 2 * on_chip_limit(4, SMALL_SHARED_PER_BLOCK) + 2000), torch.float32),
+             ((3, 4000), torch.bfloat16 if torch.bfloat16 in dtypes else dtypes[-1]), ((2, 3000), torch.float32)]
+    try:
+        for shape, dtype in cases:
+            for kind in ("relu", "integers"):
+                x = make_input(kind, shape, dtype, generator)
+                k = kept_count(x[0].numel(), 0.65)
+                outputs = {}
+                for name in ("auto", "cluster", "sample-per-block", "chunked"):
+                    os.environ["ASH_EXT_CUDA_REGIME"] = name
+                    regime = REGIMES[checker.regime(x)]
+                    if name != "auto" and regime not in FORCED_REGIMES[name]:
+                        checker.failures.append(f"ASH_EXT_CUDA_REGIME={name} planned {regime} for {shape}")
+                    for variant in ("ash-p", "ash-b", "ash-s"):
+                        outputs[(name, variant)] = checker.forward(
+                            x, 0.65, variant, f"regime {name} ({regime}) {dtype} {shape} {kind} {variant}")
+                    checker.backward(x, 0.65, "ash-s", f"regime {name} ({regime}) {dtype} {shape} {kind} backward")
+                for variant in ("ash-p", "ash-b", "ash-s"):
+                    base = outputs[("auto", variant)]
+                    for name in ("cluster", "sample-per-block", "chunked"):
+                        other = outputs[(name, variant)]
+                        if base is not None and other is not None:
+                            checker.compare(f"regime {name} vs auto {dtype} {shape} {kind} {variant}", other, base,
+                                            variant, dtype)
+    finally:
+        os.environ.pop("ASH_EXT_CUDA_REGIME", None)
+
+
 def run_checks(module, fallback, case_set: str, dtypes) -> Checker:
     checker = Checker(module, fallback)
     generator = torch.Generator().manual_seed(1234)
-    module.set_device_limits(SM_COUNT, SMALL_SHARED_PER_BLOCK)
+    module.set_device_limits(SM_COUNT, SMALL_SHARED_PER_BLOCK, 0)
 
     kinds = {
         "full": ("normal", "relu", "integers", "special"),
@@ -533,6 +724,7 @@ def run_checks(module, fallback, case_set: str, dtypes) -> Checker:
         x = make_input("integers", (1, 64, 15, 15), dtypes[0], generator).to(memory_format=torch.channels_last)
         checker.forward(x, 0.65, "ash-b", "channels_last chunked integers")
         checker.backward(x, 0.65, "ash-p", "channels_last chunked integers")
+        run_cluster_checks(checker, module, case_set, dtypes, generator)
         return checker
 
     # Edge cases on one dtype: k = 0, k = n, constant samples, channels_last, in place,
@@ -580,7 +772,7 @@ def run_checks(module, fallback, case_set: str, dtypes) -> Checker:
             checker.compare(f"{label} misaligned copy", moved, first, "ash-s", torch.float32, exact=True)
 
     # An H100's opt-in limit: WideResNet's [B, 640, 8, 8] maps (160 KiB in float32) go on chip.
-    module.set_device_limits(SM_COUNT, H100_SHARED_PER_BLOCK)
+    module.set_device_limits(SM_COUNT, H100_SHARED_PER_BLOCK, 0)
     x = make_input("relu", (2, 640, 8, 8), torch.float32, generator)
     if module.plan(2, x[0].numel(), 4)[0] != 0:
         checker.failures.append("WideResNet maps are not on chip with an H100's shared memory")
@@ -591,6 +783,7 @@ def run_checks(module, fallback, case_set: str, dtypes) -> Checker:
     ks = torch.tensor([kept_count(x[0].numel(), 0.65), 0])
     family.forward("H100 on-chip [2, 640, 8, 8] scale ks clamp", x, ks, "scale", 0.5, 2.0)
     family.stats("H100 on-chip [2, 640, 8, 8] stats ks clamp", x, ks, 0.5, 2.0)
+    run_cluster_checks(checker, module, case_set, dtypes, generator)
     return checker
 
 
@@ -619,11 +812,12 @@ def main() -> int:
     print(f"built in {time.time() - started:.0f}s", flush=True)
     checker = run_checks(module, fallback, case_set, dtypes)
     print(
-        f"{checker.count} comparisons, regimes reached: {sorted(checker.regimes_seen)}, "
-        f"{len(checker.failures)} failures, {time.time() - started:.0f}s"
+        f"{checker.count} comparisons, regimes reached: {sorted(checker.regimes_seen)}, traffic counted against "
+        f"the plan in: {sorted(checker.traffic_checked)}, {len(checker.failures)} failures, "
+        f"{time.time() - started:.0f}s"
     )
-    if checker.regimes_seen != {0, 1, 2}:
-        print("not every regime was reached")
+    if checker.regimes_seen != set(REGIMES) or checker.traffic_checked != set(REGIMES):
+        print("not every regime was reached and its traffic counted")
         return 1
     return 1 if checker.failures else 0
 

@@ -13,6 +13,22 @@
 // reads shared data without the barrier that orders it tends to see stale values. A barrier
 // that some threads never reach is reported as a deadlock (abort).
 //
+// Clusters. A launch may group its blocks into thread-block clusters (consecutive blocks, as
+// cudaLaunchKernelEx's cluster dimension does): a cluster's blocks are made resident together,
+// cluster_sync is a barrier over all their threads, and a block reads another's shared memory
+// only through map_cluster_shared, which maps an address in the caller's shared memory to the
+// same variable in the other block. Checked: the cluster size (at most 8, or 16 where the
+// kernel's non-portable attribute is set, and only on a device with clusters), a grid that is a
+// whole number of clusters, a rank inside the cluster, a mapped address inside shared memory,
+// no read of a block that has exited, and no block exiting while another block of its cluster
+// may still read it (a cluster barrier must come between the last read and the exit). Reads of
+// another block's memory before it was written show up as the poison below, or as races under
+// ThreadSanitizer (cluster barriers are the only happens-before between a cluster's blocks).
+//
+// Traffic. Every access the kernels make to a tensor's elements (load_pack, store_pack,
+// load_element, store_element in block_ops.cuh) is counted, in bytes read and written, unless it
+// is to shared memory; take_traffic() returns the counts, which tests compare with the plan's.
+//
 // Memory. Each block has its own dynamic and static shared memory, filled with 0xCD when the
 // block starts; static shared variables are declared with ASH_SHARED (block_ops.cuh), since a
 // plain `__shared__` (a C++ static) would be shared by interleaved blocks and keep the last
@@ -88,7 +104,10 @@ extern "C" void __tsan_ignore_thread_end();
 
 // The runtime API calls that kernel_setup.h makes.
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1 };
-enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaFuncAttribute {
+  cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 12
+};
 struct cudaFuncAttributes {
   size_t sharedSizeBytes;
   int maxThreadsPerBlock;
@@ -174,6 +193,8 @@ constexpr size_t kFiberStackBytes = 256 * 1024;
 constexpr size_t kResidentFibers = 4096;       // e.g. 8 blocks of 512 threads at once
 constexpr size_t kStaticSharedLimit = 48 * 1024;  // per block, as on every GPU
 constexpr size_t kDefaultDynamicLimit = 48 * 1024;
+constexpr unsigned kPortableClusterLimit = 8;
+constexpr unsigned kClusterLimit = 16;
 constexpr unsigned char kPoison = 0xCD;
 
 // A violated launch rule: raised on the host, before the launch or when it has finished.
@@ -205,9 +226,18 @@ class Runtime {
   void seed(uint64_t seed) { rng_.seed(seed); }
   // Makes `device`, with that opt-in shared-memory limit per block, the current device: kernel
   // attributes are per device, as on a GPU.
-  void select_device(int device, size_t shared_optin) {
+  void select_device(int device, size_t shared_optin, bool clusters) {
     device_ = device;
     shared_optin_ = shared_optin;
+    clusters_ = clusters;
+  }
+
+  // Bytes of global memory the kernels read and wrote since the last call.
+  std::pair<uint64_t, uint64_t> take_traffic() {
+    const std::pair<uint64_t, uint64_t> traffic{bytes_read_, bytes_written_};
+    bytes_read_ = 0;
+    bytes_written_ = 0;
+    return traffic;
   }
 
   // -- the runtime API ------------------------------------------------------------------------
@@ -221,6 +251,10 @@ class Runtime {
 
   cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attribute, int value) {
     KernelRecord& record = records_[std::make_pair(device_, kernel)];
+    if (attribute == cudaFuncAttributeNonPortableClusterSizeAllowed && (value == 0 || value == 1)) {
+      record.large_clusters = value == 1;
+      return cudaSuccess;
+    }
     if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0) {
       return cudaErrorInvalidValue;
     }
@@ -241,11 +275,28 @@ class Runtime {
 
   // -- launches -------------------------------------------------------------------------------
 
-  // Runs `body` as the kernel `kernel` on grid x block threads with `shared_bytes` of dynamic
-  // shared memory, after checking the launch rules (and again when the grid has run).
+  // Runs `body` as the kernel `kernel` on grid x block threads, in clusters of cluster_blocks
+  // blocks, with `shared_bytes` of dynamic shared memory, after checking the launch rules (and
+  // again when the grid has run).
   void run_grid(const void* kernel, unsigned grid, unsigned block, size_t shared_bytes,
-                const std::function<void()>& body) {
+                const std::function<void()>& body, unsigned cluster_blocks = 1) {
     KernelRecord& record = records_[std::make_pair(device_, kernel)];
+    if (cluster_blocks > 1 && !clusters_) {
+      throw LaunchRuleError("CUDA emulation: a launch of " + kernel_name(kernel) + " in clusters of " +
+                            std::to_string(cluster_blocks) + " blocks on a device without thread-block clusters");
+    }
+    const unsigned cluster_limit = record.large_clusters ? kClusterLimit : kPortableClusterLimit;
+    if (cluster_blocks == 0 || cluster_blocks > cluster_limit) {
+      throw LaunchRuleError("CUDA emulation: a launch of " + kernel_name(kernel) + " in clusters of " +
+                            std::to_string(cluster_blocks) + " blocks (1.." + std::to_string(cluster_limit) +
+                            (record.large_clusters ? std::string(")")
+                                                   : std::string("; more than 8 needs "
+                                                                 "cudaFuncAttributeNonPortableClusterSizeAllowed)")));
+    }
+    if (grid % cluster_blocks != 0) {
+      throw LaunchRuleError("CUDA emulation: a launch of " + kernel_name(kernel) + " with " + std::to_string(grid) +
+                            " blocks, not a whole number of clusters of " + std::to_string(cluster_blocks));
+    }
     if (block == 0 || block % kWarp != 0 || block > 1024) {
       throw LaunchRuleError("CUDA emulation: a launch of " + kernel_name(kernel) + " with " + std::to_string(block) +
                             " threads per block (1..1024, a multiple of 32)");
@@ -260,7 +311,7 @@ class Runtime {
     size_t static_bytes = 0;
     {
       const Internal internal;
-      static_bytes = run_blocks(grid, block, shared_bytes, body);
+      static_bytes = run_blocks(grid, block, shared_bytes, cluster_blocks, body);
     }
     record.static_bytes = std::max(record.static_bytes, static_bytes);
     record.ran = true;
@@ -273,19 +324,8 @@ class Runtime {
 
   void* static_shared(const void* site, size_t size, size_t alignment) {
     const Internal internal;
-    Block& block = *current_->block;
-    for (const auto& [known, offset] : block.static_sites) {
-      if (known == site) {
-        return block.static_shared + offset;
-      }
-    }
-    const size_t offset = (block.static_used + alignment - 1) / alignment * alignment;
-    if (offset + size > kStaticSharedLimit) {
-      fail("static shared memory over 48 KiB");
-    }
-    block.static_sites.emplace_back(site, offset);
-    block.static_used = offset + size;
-    return block.static_shared + offset;
+    site_facts_[site] = std::make_pair(size, alignment);
+    return static_shared_of(*current_->block, site, size, alignment);
   }
 
   void sync_block() {
@@ -304,6 +344,79 @@ class Runtime {
       }
     }
     tsan_acquire(&block.barrier_sync[generation & 1]);
+  }
+
+  // A barrier over every thread of every block of the caller's cluster (cluster.sync()).
+  void sync_cluster() {
+    Cluster& cluster = *current_->block->cluster;
+    uint64_t generation;
+    {
+      const Internal internal;
+      generation = cluster.generation;
+      tsan_release(&cluster.barrier_sync[generation & 1]);
+      if (++cluster.arrived == cluster.threads) {
+        cluster.arrived = 0;
+        ++cluster.generation;
+        yield();
+      } else {
+        wait_until_changed(&cluster.generation, generation);
+      }
+    }
+    tsan_acquire(&cluster.barrier_sync[generation & 1]);
+  }
+
+  unsigned cluster_rank() { return current_->block->rank; }
+  unsigned cluster_size() { return current_->block->cluster->size; }
+
+  // The address in block `rank` of the caller's cluster of what `local` (bytes long) is in the
+  // caller's shared memory, for a read (cluster.map_shared_rank).
+  const void* map_cluster_shared(const void* local, size_t bytes, unsigned rank) {
+    const Internal internal;
+    Block& self = *current_->block;
+    Cluster& cluster = *self.cluster;
+    if (rank >= cluster.size) {
+      fail("a read of the shared memory of a cluster rank outside the cluster");
+    }
+    Block& other = *cluster.blocks[rank];
+    if (other.exited) {
+      fail("a read of the shared memory of a block of the cluster that has exited");
+    }
+    const auto* address = static_cast<const unsigned char*>(local);
+    const unsigned char* mapped = nullptr;
+    if (address >= self.dynamic_shared && address + bytes <= self.dynamic_shared + self.dynamic_size) {
+      mapped = other.dynamic_shared + (address - self.dynamic_shared);
+    } else if (address >= self.static_shared && address + bytes <= self.static_shared + self.static_used) {
+      // Static variables by declaration site: blocks may have declared them in different orders.
+      const size_t offset = static_cast<size_t>(address - self.static_shared);
+      for (const auto& [site, start] : self.static_sites) {
+        const size_t size = site_size(site);
+        if (offset >= start && offset + bytes <= start + size) {
+          mapped = static_cast<const unsigned char*>(static_shared_of(other, site, size, site_alignment(site))) +
+                   (offset - start);
+          break;
+        }
+      }
+    }
+    if (mapped == nullptr) {
+      fail("a cluster read of an address outside the caller's shared memory");
+    }
+    if (&other != &self) {
+      other.read_by_cluster = true;
+      other.read_generation = cluster.generation;
+    }
+    return mapped;
+  }
+
+  // A kernel's access to global memory (shared-memory addresses are not counted).
+  void count_access(const void* address, size_t bytes, bool write) {
+    const Internal internal;
+    const auto* p = static_cast<const unsigned char*>(address);
+    const Block& block = *current_->block;
+    if ((p >= block.dynamic_shared && p < block.dynamic_shared + block.dynamic_size) ||
+        (p >= block.static_shared && p < block.static_shared + kStaticSharedLimit)) {
+      return;
+    }
+    (write ? bytes_written_ : bytes_read_) += bytes;
   }
 
   void sync_warp() {
@@ -398,6 +511,16 @@ class Runtime {
  private:
   struct Block;
 
+  struct Cluster {
+    unsigned size = 1;              // blocks
+    unsigned threads = 0;           // of all its blocks
+    std::vector<Block*> blocks;     // by rank
+    unsigned arrived = 0;
+    uint64_t generation = 0;        // cluster barriers completed
+    unsigned exited = 0;
+    char barrier_sync[2] = {0, 0};  // (ThreadSanitizer)
+  };
+
   struct Fiber {
     Context context;
     void* stack = nullptr;
@@ -415,6 +538,12 @@ class Runtime {
   struct Block {
     unsigned index = 0;
     unsigned size = 0;
+    std::shared_ptr<Cluster> cluster;
+    unsigned rank = 0;
+    bool exited = false;
+    bool read_by_cluster = false;  // another block of the cluster has read this block's memory,
+    uint64_t read_generation = 0;  // the last time when the cluster had passed this many barriers
+    size_t dynamic_size = 0;
     std::vector<Fiber*> fibers;
     unsigned running = 0;
     std::vector<unsigned char> dynamic_storage;
@@ -437,7 +566,27 @@ class Runtime {
     bool ran = false;
     bool limit_set = false;  // cudaFuncAttributeMaxDynamicSharedMemorySize
     size_t limit = 0;
+    bool large_clusters = false;  // cudaFuncAttributeNonPortableClusterSizeAllowed
   };
+
+  size_t site_size(const void* site) const { return site_facts_.at(site).first; }
+  size_t site_alignment(const void* site) const { return site_facts_.at(site).second; }
+
+  // The static shared variable declared at `site` in `block`, placed on its first use there.
+  void* static_shared_of(Block& block, const void* site, size_t size, size_t alignment) {
+    for (const auto& [known, offset] : block.static_sites) {
+      if (known == site) {
+        return block.static_shared + offset;
+      }
+    }
+    const size_t offset = (block.static_used + alignment - 1) / alignment * alignment;
+    if (offset + size > kStaticSharedLimit) {
+      fail("static shared memory over 48 KiB");
+    }
+    block.static_sites.emplace_back(site, offset);
+    block.static_used = offset + size;
+    return block.static_shared + offset;
+  }
 
   static std::string kernel_name(const void* kernel) {
     Dl_info info{};
@@ -500,6 +649,7 @@ class Runtime {
     block->index = index;
     block->size = size;
     block->dynamic_storage.assign(shared_bytes + 16, kPoison);
+    block->dynamic_size = shared_bytes;
     const uintptr_t base = reinterpret_cast<uintptr_t>(block->dynamic_storage.data());
     block->dynamic_shared = block->dynamic_storage.data() + (16 - base % 16) % 16;
     std::memset(block->static_shared, kPoison, sizeof(block->static_shared));
@@ -521,25 +671,38 @@ class Runtime {
     return block;
   }
 
-  // Runs every block of the grid; returns the most static shared memory a block used.
-  size_t run_blocks(unsigned grid, unsigned block_size, size_t shared_bytes, const std::function<void()>& body) {
+  // Runs every block of the grid, a cluster's blocks resident together; returns the most static
+  // shared memory a block used.
+  size_t run_blocks(unsigned grid, unsigned block_size, size_t shared_bytes, unsigned cluster_blocks,
+                    const std::function<void()>& body) {
     grid_dim = Dim3{grid, 1, 1};
     block_dim = Dim3{block_size, 1, 1};
     body_ = &body;
 #ifdef ASH_EMU_TSAN
     scheduler_tsan_ = __tsan_get_current_fiber();
 #endif
-    std::vector<unsigned> order(grid);
+    const unsigned clusters = grid / cluster_blocks;
+    std::vector<unsigned> order(clusters);
     std::iota(order.begin(), order.end(), 0u);
     std::shuffle(order.begin(), order.end(), rng_);
-    const size_t resident_limit = std::max<size_t>(1, kResidentFibers / block_size);
+    const size_t by_threads = kResidentFibers / block_size / cluster_blocks * cluster_blocks;
+    const size_t resident_limit = std::max<size_t>(cluster_blocks, by_threads);
     std::vector<std::unique_ptr<Block>> resident;
     std::vector<Fiber*> round;
     size_t next = 0;
     size_t static_high = 0;
     for (;;) {
-      while (resident.size() < resident_limit && next < grid) {
-        resident.push_back(start_block(order[next++], block_size, shared_bytes));
+      while (resident.size() + cluster_blocks <= resident_limit && next < clusters) {
+        auto cluster = std::make_shared<Cluster>();
+        cluster->size = cluster_blocks;
+        cluster->threads = cluster_blocks * block_size;
+        const unsigned first = order[next++] * cluster_blocks;
+        for (unsigned rank = 0; rank < cluster_blocks; ++rank) {
+          resident.push_back(start_block(first + rank, block_size, shared_bytes));
+          resident.back()->cluster = cluster;
+          resident.back()->rank = rank;
+          cluster->blocks.push_back(resident.back().get());
+        }
       }
       if (resident.empty()) {
         break;
@@ -574,13 +737,19 @@ class Runtime {
       if (!progressed && all_blocks) {
         fail("deadlock: threads wait at a barrier that others never reach");
       }
+      for (auto& block : resident) {
+        if (block->running == 0 && !block->exited) {
+          block_exits(*block);
+        }
+      }
+      // A block's memory stays until every block of its cluster has exited (exits are checked,
+      // and a later read of an exited block is reported, not a use after free).
       for (auto it = resident.begin(); it != resident.end();) {
         Block& block = **it;
-        if (block.running != 0) {
+        if (!block.exited || block.cluster->exited != block.cluster->size) {
           ++it;
           continue;
         }
-        tsan_acquire(&block.end_sync);
         static_high = std::max(static_high, block.static_used);
         for (Fiber* fiber : block.fibers) {
           free_fibers_.push_back(fiber);
@@ -589,6 +758,21 @@ class Runtime {
       }
     }
     return static_high;
+  }
+
+  void block_exits(Block& block) {
+    tsan_acquire(&block.end_sync);
+    Cluster& cluster = *block.cluster;
+    if (block.read_by_cluster && block.read_generation >= cluster.generation) {
+      std::fprintf(stderr,
+                   "CUDA emulation: block %u (rank %u of its cluster) exits while another block of its cluster "
+                   "may still read its shared memory: no cluster barrier between that read and the exit\n",
+                   block.index, block.rank);
+      std::fflush(stderr);
+      std::abort();
+    }
+    block.exited = true;
+    ++cluster.exited;
   }
 
   void resume(Fiber* fiber) {
@@ -657,6 +841,10 @@ class Runtime {
 
   std::mt19937_64 rng_{20240601u};
   size_t shared_optin_ = 227 * 1024;
+  bool clusters_ = false;
+  uint64_t bytes_read_ = 0;
+  uint64_t bytes_written_ = 0;
+  std::map<const void*, std::pair<size_t, size_t>> site_facts_;  // static shared: size, alignment
   int device_ = 0;
   std::map<std::pair<int, const void*>, KernelRecord> records_;
   Context scheduler_;
