@@ -1,4 +1,4 @@
-"""The ``ash-ext`` command (also ``python -m ash_ext``): ``bench`` and ``demo``."""
+"""The ``ash-ext`` command (also ``python -m ash_ext``): ``bench``, ``demo`` and ``plan``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "time ash_ext against the reference, pytorch-ood, the fallback and x.clone(); --methods family: "
     "SCALE, ReAct+ASH, LTS, topk_stats, per-sample percentiles, ReAct's fit (run 'bench --help')",
     "demo": "a 10-second demo: a tiny conv backbone + head through ash_ext.ASH, scores and one speed-up",
+    "plan": "the CUDA launch plan for a shape on an H100, H200, A100 or this GPU: regime, grid, launches, "
+    "global traffic (no GPU needed; run 'plan --help')",
 }
 
 
@@ -129,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench_main(rest, prog=f"{prog} bench")
     if command == "demo":
         return demo(rest, prog=f"{prog} demo")
+    if command == "plan":
+        from .plan import main as plan_main
+
+        return plan_main(rest, prog=f"{prog} plan")
     parser.print_usage(sys.stderr)
     print(f"{prog}: error: unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
     return 2

@@ -11,7 +11,11 @@
 #   tests_rest   pytest tests/ but test_cuda.py, in the background while grid and test_cuda
 #                run (mostly CPU); waited for before the bench                        120 s (40-90 s)
 #   test_cuda    pytest -x tests/test_cuda.py                                          120 s (40-60 s)
-#   bench        benchmarks/gpu_bench.py, alone on the GPU                              90 s (20-40 s)
+#   regimes      gpu_cases.py on the model and long shapes with ASH_EXT_CUDA_REGIME=chunked, then
+#                =sample-per-block: on a Hopper the grid sends long samples to clusters, so
+#                these two regimes' kernels run only when forced                   60 s (20-40 s)
+#   bench        benchmarks/gpu_bench.py, alone on the GPU, with every regime side by side on
+#                the cluster regime's target shapes                                 90 s (30-50 s)
 #   memcheck, racecheck, synccheck, initcheck: compute-sanitizer on benchmarks/sanitize_cases.py,
 #                the four at once (racecheck with --quick; memcheck and initcheck without the caching
 #                allocator, whose blocks would hide out-of-bounds and uninitialised reads) each 130 s (60-110 s)
@@ -182,6 +186,10 @@ step_bg tests_rest 120 env OMP_NUM_THREADS=8 ASH_EXT_EMULATION= "$PY" -m pytest 
   tests --ignore=tests/test_cuda.py
 step grid 90 env CUDA_LAUNCH_BLOCKING=1 OMP_NUM_THREADS=4 "$PY" benchmarks/gpu_cases.py
 step test_cuda 120 env OMP_NUM_THREADS=8 "$PY" -m pytest -x -q -p no:cacheprovider --durations=5 tests/test_cuda.py
+step regimes 60 bash -c "env ASH_EXT_CUDA_REGIME=chunked CUDA_LAUNCH_BLOCKING=1 OMP_NUM_THREADS=4 \
+  $PY benchmarks/gpu_cases.py --only 'resnet50|limit\\+1|long'; a=\$?; \
+  env ASH_EXT_CUDA_REGIME=sample-per-block CUDA_LAUNCH_BLOCKING=1 OMP_NUM_THREADS=4 \
+  $PY benchmarks/gpu_cases.py --only 'resnet50|limit\\+1|long-batch'; exit \$((a + \$?))"
 step_wait tests_rest
 
 # The benchmark, with nothing else on the GPU.

@@ -15,6 +15,11 @@ the plain ASH-S kernel with a uniform k on the same input (what the feature cost
 ASH-S clamped (ReAct-style, high bound only), ASH-S with per-sample ks, and topk_stats (which
 writes no output, so it should take about the selection's and sums' time). They go to the JSON
 file's "features" list and a second table.
+
+Last, the regimes side by side (REGIME_CONFIGS, the cluster regime's target shapes): ASH-S timed
+under ASH_EXT_CUDA_REGIME=auto, cluster, sample-per-block and chunked on the same input (a
+regime that does not apply to a shape is reported as such), with each regime's planned launches
+and traffic; they go to the JSON file's "regimes" list and a third table.
 """
 
 from __future__ import annotations
@@ -52,6 +57,16 @@ CONFIGS = [
 PERCENTILES = (0.65, 0.9)
 VARIANTS = ("ash_s", "ash_b")
 # (shape, dtype, data) for the feature rows: a block-per-sample, a chunked and an on-chip shape.
+# (shape, dtype, data) for the regimes side by side: the cluster regime's targets.
+REGIME_CONFIGS = [
+    ((64, 2048, 7, 7), torch.float32, "abs-normal"),
+    ((64, 2048, 7, 7), torch.float32, "zeros70"),
+    ((256, 2048, 7, 7), torch.float32, "abs-normal"),
+    ((8, 2048, 7, 7), torch.float32, "abs-normal"),
+    ((32, 1024, 14, 14), torch.float32, "abs-normal"),
+    ((64, 2048, 7, 7), torch.bfloat16, "abs-normal"),
+]
+REGIMES = ("auto", "cluster", "sample-per-block", "chunked")
 FEATURE_CONFIGS = [
     ((256, 2048, 7, 7), torch.float32, "relu"),
     ((8, 2048, 7, 7), torch.float32, "relu"),
@@ -97,17 +112,67 @@ def make(shape, dtype, data):
     return x.to(dtype)
 
 
-def regime_of(shape, dtype, props) -> str:
-    """The CUDA launch regime of this shape (ash_ext._C.cuda_launch_plan), or '?' without the planner."""
+def plan_of(shape, dtype, props, regime: str = "auto") -> dict:
+    """The CUDA launch plan of this shape (ash_ext._C.cuda_launch_plan) as the launcher makes it."""
     planner = getattr(ash_ext._ops._C, "cuda_launch_plan", None)
     if planner is None:
-        return "?"
+        return {"regime": "?"}
     n = 1
     for size in shape[1:]:
         n *= size
     optin = getattr(props, "shared_memory_per_block_optin", 227 * 1024)
     element = torch.empty((), dtype=dtype).element_size()
-    return planner(shape[0], n, element, props.multi_processor_count, optin)["regime"]
+    clusters = 16 if props.major >= 9 else 0  # as current_device_limits (ash_cuda_run.cuh)
+    return planner(shape[0], n, element, props.multi_processor_count, optin, clusters, regime)
+
+
+def regime_of(shape, dtype, props) -> str:
+    """The CUDA launch regime of this shape, or '?' without the planner."""
+    return plan_of(shape, dtype, props)["regime"]
+
+
+def compare_regimes(props, stop_at: float, warmup: int, reps: int) -> list:
+    """ASH-S (p = 0.65) on each REGIME_CONFIGS input under every ASH_EXT_CUDA_REGIME value."""
+    rows = []
+    try:
+        for shape, dtype, data in REGIME_CONFIGS:
+            if time.time() > stop_at:
+                print("skipped the rest of the regime rows (out of time)", flush=True)
+                break
+            x = make(shape, dtype, data)
+            nbytes = x.numel() * x.element_size()
+            clone_ms = time_ms(x.clone, warmup, reps)
+            os.environ.pop("ASH_EXT_CUDA_REGIME", None)
+            want = ash_ext.ash_s(x, 0.65)
+            for name in REGIMES:
+                os.environ["ASH_EXT_CUDA_REGIME"] = name
+                row = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "data": data,
+                       "requested": name, "clone_ms": clone_ms}
+                try:
+                    plan = plan_of(shape, dtype, props, name)
+                except ValueError as error:
+                    row.update(regime="n/a", note=str(error))
+                    rows.append(row)
+                    print(f"{str(tuple(shape)):<18} {row['dtype']:<8} {data:<10} {name:<16}: {error}", flush=True)
+                    continue
+                got = ash_ext.ash_s(x, 0.65)
+                close = bool(torch.allclose(got.float(), want.float(), rtol=2e-2 if x.element_size() == 2 else 2e-5,
+                                            atol=1e-2 if x.element_size() == 2 else 1e-5))
+                ms = time_ms(functools.partial(ash_ext.ash_s, x, 0.65), warmup, reps)
+                row.update(regime=plan["regime"], cluster_blocks=plan.get("cluster_blocks"),
+                           launches=plan.get("launches"), planned_bytes=plan.get("bytes_read", 0)
+                           + plan.get("bytes_written", 0), kernel_ms=ms, percent_of_clone=100.0 * clone_ms / ms,
+                           kernel_gbps=2 * nbytes / ms / 1e6, matches_auto=close)
+                rows.append(row)
+                print(f"{str(tuple(shape)):<18} {row['dtype']:<8} {data:<10} {name:<16} ({plan['regime']}): "
+                      f"{ms:.4f} ms, {row['percent_of_clone']:.0f}% of clone, {plan.get('launches')} launches, "
+                      f"planned {row['planned_bytes'] / nbytes:.2f} x the tensor; "
+                      f"{'same as auto' if close else 'DIFFERS FROM AUTO'}", flush=True)
+            x = None
+            torch.cuda.empty_cache()
+    finally:
+        os.environ.pop("ASH_EXT_CUDA_REGIME", None)
+    return rows
 
 
 def time_ms(fn, warmup: int, reps: int) -> float:
@@ -217,6 +282,8 @@ def main() -> int:
         x = None
         torch.cuda.empty_cache()
 
+    regimes = compare_regimes(props, stop_at, args.warmup, args.reps)
+
     path = os.path.join(out_dir, "gpu_bench.json")
     with open(path, "w") as f:
         json.dump(
@@ -228,6 +295,7 @@ def main() -> int:
                 "reps": args.reps,
                 "results": results,
                 "features": features,
+                "regimes": regimes,
             },
             f,
             indent=1,
@@ -258,7 +326,19 @@ def main() -> int:
                 f"{str(tuple(r['shape'])):<18} {r['dtype']:<8} {r['feature']:<20} {r['kernel_ms']:>8.4f} "
                 f"{r['relative_to_ash_s']:>7.2f} {r['percent_of_clone']:>6.0f}"
             )
-    return 0 if results else 1
+    if regimes:
+        print(f"\n{'shape':<18} {'dtype':<8} {'data':<10} {'ASH_EXT_CUDA_REGIME':<19} {'regime':<16} {'ms':>8} "
+              f"{'%clone':>6} {'launches':>8}")
+        for r in regimes:
+            if r["regime"] == "n/a":
+                print(f"{str(tuple(r['shape'])):<18} {r['dtype']:<8} {r['data']:<10} {r['requested']:<19} n/a")
+                continue
+            print(f"{str(tuple(r['shape'])):<18} {r['dtype']:<8} {r['data']:<10} {r['requested']:<19} "
+                  f"{r['regime']:<16} {r['kernel_ms']:>8.4f} {r['percent_of_clone']:>6.0f} {r['launches']:>8}")
+    mismatched = [r for r in regimes if r.get("matches_auto") is False]
+    if mismatched:
+        print(f"{len(mismatched)} regime rows differ from auto's output")
+    return 0 if results and not mismatched else 1
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ then a "summary:" line; exit status = the number of failures, at most 100. A cas
 CUDA context (an illegal address, say) would make every later case fail too, so the cases run in
 a worker process that is restarted after it. Run with CUDA_LAUNCH_BLOCKING=1 (set here if unset),
 so that an asynchronous error is reported by the case that caused it. With ASH_CHECK_STOP_AT
-(Unix time) set, no case starts after that time. Also the helpers of sanitize_cases.py.
+(Unix time) set, no case starts after that time. With ASH_EXT_CUDA_REGIME=cluster|sample-per-block|
+chunked every case runs in that regime (the coverage check then wants that regime); unset, a
+Hopper sends long samples to clusters, and the grid must reach on chip and cluster. Also the
+helpers of sanitize_cases.py.
 
     python benchmarks/gpu_cases.py [--only REGEX] [--list] [--limits]
 """
@@ -74,6 +77,7 @@ class Limits:
 
     sms: int
     shared_optin: int
+    max_cluster_blocks: int = 0  # 0 before sm_90
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +95,27 @@ class Case:
 
 
 def device_limits(device: str, sms: Optional[int] = None, shared_optin: Optional[int] = None) -> Limits:
+    clusters = 0
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         sms = sms or props.multi_processor_count
         shared_optin = shared_optin or getattr(props, "shared_memory_per_block_optin", H100_SHARED_OPTIN)
-    return Limits(sms or H100_SMS, shared_optin or H100_SHARED_OPTIN)
+        clusters = 16 if props.major >= 9 else 0  # as current_device_limits (ash_cuda_run.cuh)
+    return Limits(sms or H100_SMS, shared_optin or H100_SHARED_OPTIN, clusters)
+
+
+def requested_regime() -> str:
+    """ASH_EXT_CUDA_REGIME, which the launcher reads at every call (auto when unset)."""
+    return os.environ.get("ASH_EXT_CUDA_REGIME") or "auto"
+
+
+def expected_regimes(limits: Limits) -> tuple:
+    """The regimes the grid must reach: with clusters, the planner sends every long sample to a
+    cluster (on chip stays for short ones); forced, just the forced one."""
+    forced = {"cluster": ("cluster",), "sample-per-block": ("on-chip", "block-per-sample"), "chunked": ("chunked",)}
+    if requested_regime() != "auto":
+        return forced[requested_regime()]
+    return ("on-chip", "cluster") if limits.max_cluster_blocks else ("on-chip", "block-per-sample", "chunked")
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -106,7 +126,14 @@ def launch_plan(batch: int, n: int, dtype: torch.dtype, limits: Limits) -> dict:
     planner = getattr(ash_ext._ops._C, "cuda_launch_plan", None)
     if planner is None:
         raise RuntimeError("ash_ext._C has no cuda_launch_plan: the extension is not built from this tree")
-    return planner(batch, n, element_size(dtype), limits.sms, limits.shared_optin)
+    return planner(batch, n, element_size(dtype), limits.sms, limits.shared_optin, limits.max_cluster_blocks,
+                   requested_regime())
+
+
+def boundary_plan(batch: int, n: int, dtype: torch.dtype, limits: Limits) -> dict:
+    """The plan without clusters and unforced: the regime boundaries the grid's shapes sit at
+    (on chip, the 48 KiB window, 2 x SMs) are those of the regimes before clusters."""
+    return ash_ext._ops._C.cuda_launch_plan(batch, n, element_size(dtype), limits.sms, limits.shared_optin)
 
 
 def regime_of(shape: tuple, dtype: torch.dtype, limits: Limits) -> str:
@@ -131,7 +158,7 @@ def largest_n(holds: Callable[[int], bool], high: int = 1 << 28) -> int:
 
 def on_chip_limit(dtype: torch.dtype, limits: Limits) -> int:
     """The longest sample the on-chip regime takes."""
-    return largest_n(lambda n: launch_plan(1, n, dtype, limits)["regime"] == "on-chip")
+    return largest_n(lambda n: boundary_plan(1, n, dtype, limits)["regime"] == "on-chip")
 
 
 def window_n(dtype: torch.dtype, limits: Limits, below_bytes: int) -> int:
@@ -142,7 +169,7 @@ def window_n(dtype: torch.dtype, limits: Limits, below_bytes: int) -> int:
     """
 
     def fits(n: int) -> bool:
-        plan = launch_plan(1, n, dtype, limits)
+        plan = boundary_plan(1, n, dtype, limits)
         return plan["regime"] == "on-chip" and plan["dynamic_shared"] <= DEFAULT_SHARED_LIMIT - below_bytes
 
     return largest_n(fits)
@@ -491,10 +518,11 @@ def print_limits(limits: Limits, device: str) -> int:
     serving = ash_ext.implementation_for(torch.zeros(1, 1, device=device))
     print(
         f"compiled_with_cuda={ash_ext.compiled_with_cuda()} implementation={serving} "
-        f"SMs={limits.sms} shared_optin={limits.shared_optin}"
+        f"SMs={limits.sms} shared_optin={limits.shared_optin} clusters_up_to={limits.max_cluster_blocks} "
+        f"ASH_EXT_CUDA_REGIME={requested_regime()}"
     )
     for dtype in DTYPES:
-        plan = launch_plan(1, on_chip_limit(dtype, limits), dtype, limits)
+        plan = boundary_plan(1, on_chip_limit(dtype, limits), dtype, limits)
         print(
             f"{dtype_name(dtype)}: on-chip up to n={on_chip_limit(dtype, limits)} "
             f"(dynamic shared {plan['dynamic_shared']} of {plan['dynamic_shared_limit']} B); 48 KiB window "
@@ -557,7 +585,7 @@ def drive(cases: list, limits: Limits, only: Optional[str], argv: list) -> int:
     missing = (
         []
         if only
-        else [f"{d} {r}" for d in regimes for r in ("on-chip", "block-per-sample", "chunked") if r not in regimes[d]]
+        else [f"{d} {r}" for d in regimes for r in expected_regimes(limits) if r not in regimes[d]]
     )
     if missing:
         print("COVERAGE no case reached: " + ", ".join(missing))

@@ -234,36 +234,66 @@ PyObject* set_cpu_isa(PyObject* /*self*/, PyObject* arg) {
   return nullptr;
 }
 
-// cuda_launch_plan(batch, n, element_bytes, sm_count, shared_optin) -> dict: the CUDA
-// backend's plan for a shape on a device with those limits (host code; no GPU needed).
-PyObject* cuda_launch_plan(PyObject* /*self*/, PyObject* args) {
-  long long batch = 0, n = 0, element_bytes = 0, sm_count = 0, shared_optin = 0;
-  if (!PyArg_ParseTuple(args, "LLLLL", &batch, &n, &element_bytes, &sm_count, &shared_optin)) {
+// cuda_launch_plan(batch, n, element_bytes, sm_count, shared_optin, max_cluster_blocks=0,
+// regime="auto", variant=2, backward=False, clamped=False, per_sample_k=False, stats=False)
+// -> dict: the CUDA backend's plan for a shape on a device with those limits, and what it costs
+// (launches; tensor bytes read and written when no sample ties at its threshold, and when every
+// sample does; a bound on the other, O(batch), bytes). Host code; no GPU needed.
+PyObject* cuda_launch_plan(PyObject* /*self*/, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"batch", "n", "element_bytes", "sm_count", "shared_optin", "max_cluster_blocks",
+                                   "regime", "variant", "backward", "clamped", "per_sample_k", "stats", nullptr};
+  long long batch = 0, n = 0, element_bytes = 0, sm_count = 0, shared_optin = 0, max_cluster = 0, variant = 2;
+  const char* regime = "auto";
+  int backward = 0, clamped = 0, per_sample_k = 0, stats = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LLLLL|LsLpppp", const_cast<char**>(keywords), &batch, &n,
+                                   &element_bytes, &sm_count, &shared_optin, &max_cluster, &regime, &variant,
+                                   &backward, &clamped, &per_sample_k, &stats)) {
     return nullptr;
   }
-  if (batch < 1 || n < 1 || element_bytes < 1 || sm_count < 1 || shared_optin < 1) {
+  if (batch < 1 || n < 1 || element_bytes < 1 || sm_count < 1 || shared_optin < 1 || max_cluster < 0) {
     PyErr_Format(PyExc_ValueError,
                  "cuda_launch_plan needs positive arguments, got batch=%lld n=%lld element_bytes=%lld "
-                 "sm_count=%lld shared_optin=%lld",
-                 batch, n, element_bytes, sm_count, shared_optin);
+                 "sm_count=%lld shared_optin=%lld max_cluster_blocks=%lld",
+                 batch, n, element_bytes, sm_count, shared_optin, max_cluster);
+    return nullptr;
+  }
+  if (variant < 0 || variant >= ash_ext::kVariantCount) {
+    PyErr_Format(PyExc_ValueError, "cuda_launch_plan: unknown variant code %lld", variant);
     return nullptr;
   }
   namespace cd = ash_ext::cuda_detail;
-  const cd::DeviceLimits limits{sm_count, shared_optin};
+  const cd::DeviceLimits limits{sm_count, shared_optin, max_cluster};
   cd::LaunchPlan plan{};
+  cd::PlannedTraffic untied{}, tied{};
   try {
-    plan = cd::plan_launch(batch, n, element_bytes, limits);
+    plan = cd::plan_launch(batch, n, element_bytes, limits, cd::parse_regime_request(regime));
+    const cd::PlannedWork work{static_cast<ash_ext::Variant>(variant), backward != 0, clamped != 0, per_sample_k != 0,
+                               stats != 0};
+    untied = cd::planned_traffic(plan, n, element_bytes, work, cd::SampleCounts{batch, 0, 0, 0});
+    tied = cd::planned_traffic(plan, n, element_bytes, work, cd::SampleCounts{batch, batch, 0, 0});
   } catch (const std::exception& error) {
     PyErr_SetString(PyExc_ValueError, error.what());
     return nullptr;
   }
-  static const char* const kRegimes[] = {"on-chip", "block-per-sample", "chunked"};
-  return Py_BuildValue("{s:s,s:i,s:n,s:L,s:L,s:n,s:n}", "regime", kRegimes[static_cast<int>(plan.regime)],
-                       "threads", plan.threads, "dynamic_shared", static_cast<Py_ssize_t>(plan.shared_bytes),
-                       "chunk_len", static_cast<long long>(plan.chunk_len), "chunks",
-                       static_cast<long long>(plan.chunks), "dynamic_shared_limit",
-                       static_cast<Py_ssize_t>(cd::max_dynamic_shared_bytes(limits)), "static_shared_allowance",
-                       static_cast<Py_ssize_t>(cd::kStaticSharedAllowance));
+  int64_t grid = batch < INT_MAX ? batch : INT_MAX;  // regimes 1 and 2 loop over the samples beyond
+  int64_t cluster_blocks = 0;
+  if (plan.regime == cd::Regime::kChunked) {
+    grid = batch * plan.chunks;
+  } else if (plan.regime == cd::Regime::kCluster) {
+    grid = batch * plan.chunks;
+    cluster_blocks = plan.chunks;
+  }
+  return Py_BuildValue(
+      "{s:s,s:i,s:n,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:n,s:n}", "regime", cd::regime_name(plan.regime),
+      "threads", plan.threads, "dynamic_shared", static_cast<Py_ssize_t>(plan.shared_bytes), "chunk_len",
+      static_cast<long long>(plan.chunk_len), "chunks", static_cast<long long>(plan.chunks), "grid",
+      static_cast<long long>(grid), "cluster_blocks", static_cast<long long>(cluster_blocks), "launches",
+      static_cast<long long>(untied.launches), "bytes_read", static_cast<long long>(untied.bytes_read),
+      "bytes_written", static_cast<long long>(untied.bytes_written), "bytes_read_tied",
+      static_cast<long long>(tied.bytes_read), "bytes_written_tied", static_cast<long long>(tied.bytes_written),
+      "small_bytes", static_cast<long long>(tied.small_bytes), "dynamic_shared_limit",
+      static_cast<Py_ssize_t>(cd::max_dynamic_shared_bytes(limits)), "static_shared_allowance",
+      static_cast<Py_ssize_t>(cd::kStaticSharedAllowance));
 }
 
 PyMethodDef module_methods[] = {
@@ -273,8 +303,11 @@ PyMethodDef module_methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "The ISA build of the CPU kernel that runs."},
     {"cpu_isas", cpu_isas, METH_NOARGS, "The ISA builds of the CPU kernel this CPU can run, best last."},
     {"set_cpu_isa", set_cpu_isa, METH_O, "Choose the CPU kernel's ISA build by name; returns the previous one's name."},
-    {"cuda_launch_plan", cuda_launch_plan, METH_VARARGS,
-     "cuda_launch_plan(batch, n, element_bytes, sm_count, shared_optin): the CUDA backend's launch plan."},
+    {"cuda_launch_plan", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(cuda_launch_plan)),
+     METH_VARARGS | METH_KEYWORDS,
+     "cuda_launch_plan(batch, n, element_bytes, sm_count, shared_optin, max_cluster_blocks=0, regime='auto', "
+     "variant=2, backward=False, clamped=False, per_sample_k=False, stats=False): the CUDA backend's launch plan "
+     "and its launches and global-memory traffic."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

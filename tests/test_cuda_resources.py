@@ -27,8 +27,14 @@ import ash_ext
 
 pytestmark = pytest.mark.skipif(not ash_ext.compiled_with_cuda(), reason="the CUDA kernels were not compiled in")
 
-# (multiprocessors, opt-in shared memory per block in bytes) of the GPUs the planner must serve.
-DEVICES = {"h100-sxm": (132, 232448), "h200": (132, 232448), "h100-pcie": (114, 232448), "a100": (108, 166912)}
+# (multiprocessors, opt-in shared memory per block in bytes, largest thread-block cluster) of the GPUs
+# the planner must serve.
+DEVICES = {
+    "h100-sxm": (132, 232448, 16),
+    "h200": (132, 232448, 16),
+    "h100-pcie": (114, 232448, 16),
+    "a100": (108, 166912, 0),
+}
 DTYPE_BYTES = {"float": 4, "c10::Half": 2, "c10::BFloat16": 2, "double": 8}
 FAMILIES = {
     "sample_per_block_kernel",
@@ -37,6 +43,7 @@ FAMILIES = {
     "chunked_output_kernel",
     "clamp_kernel",
     "nan_fill_kernel",
+    "cluster_kernel",
 }
 MAX_THREADS = 512  # every kernel's __launch_bounds__ in csrc/cuda/ash_kernels.cuh
 
@@ -48,6 +55,8 @@ def min_blocks_per_sm(kernel: dict) -> int:
     pipeline's NaN fill of samples with an invalid k."""
     if kernel["family"] in ("clamp_kernel", "nan_fill_kernel"):
         return 2
+    if kernel["family"] == "cluster_kernel":
+        return 1
     if kernel["family"] == "sample_per_block_kernel":
         return 2 if kernel["staged"] and not kernel["backward"] else 1
     if kernel["family"] == "chunked_output_kernel" and DTYPE_BYTES[kernel["dtype"]] == 2:
@@ -138,12 +147,13 @@ def test_every_kernel_was_found():
     # while staging, both under runtime flags); the histogram kernel's value and tie versions
     # (2); sums where the variant needs them (forward and backward ASH-B, ASH-S, SCALE: 6);
     # output for 4 variants x forward/backward (8); the clamp pass of regimes 2 and 3 (1); the
-    # chunked pipeline's NaN fill of samples whose per-sample k is invalid (1).
+    # chunked pipeline's NaN fill of samples whose per-sample k is invalid (1); the cluster kernel
+    # for 4 variants x forward/backward (8).
     per_arch = {}
     for k in found:
         per_arch.setdefault(k["arch"], []).append(k)
     for arch, listed in per_arch.items():
-        assert len(listed) == 4 * (16 + 2 + 6 + 8 + 1 + 1), (arch, len(listed))
+        assert len(listed) == 4 * (16 + 2 + 6 + 8 + 1 + 1 + 8), (arch, len(listed))
 
 
 def test_no_kernel_spills_or_keeps_a_stack_frame():
@@ -173,7 +183,8 @@ def test_static_shared_memory_within_the_planners_allowance():
     plan = ash_ext._C.cuda_launch_plan(1, 1, 4, 1, 232448)
     allowance = plan["static_shared_allowance"]
     for k in kernels():
-        limit = allowance if k["family"] == "sample_per_block_kernel" else DEFAULT_DYNAMIC_LIMIT
+        uses_dynamic = k["family"] in ("sample_per_block_kernel", "cluster_kernel")
+        limit = allowance if uses_dynamic else DEFAULT_DYNAMIC_LIMIT
         assert static_shared(k) <= limit, (k["readable"], static_shared(k), limit)
 
 
@@ -189,19 +200,31 @@ def sample_sizes(element: int, optin: int) -> list:
     return sorted(sizes | set(window))
 
 
+def cluster_sizes(element: int, optin: int) -> list:
+    """Samples around each cluster size's capacity (the largest a cluster of c blocks holds)."""
+    dynamic_limit = ash_ext._C.cuda_launch_plan(1, 1, element, 1, optin)["dynamic_shared_limit"]
+    per_block = (dynamic_limit - HISTOGRAM_BYTES) // 16 * 16 // element
+    return sorted({c * per_block + d for c in (2, 3, 8, 9, 16) for d in (-1, 0, 1)} | {17 * per_block})
+
+
 def test_every_plan_fits_the_compiled_kernels():
     """Every launch the planner can produce fits the kernels' limits with the attribute set."""
     by_family = {}
     for k in kernels():
         by_family.setdefault((k["family"], k["dtype"], k["staged"]), []).append(k)
     checked = 0
-    for device, (sms, optin) in DEVICES.items():
+    for device, (sms, optin, clusters) in DEVICES.items():
         for dtype, element in DTYPE_BYTES.items():
-            for n in sample_sizes(element, optin):
+            for n in sample_sizes(element, optin) + cluster_sizes(element, optin):
                 for batch in (1, 2, 8, 64, 2 * sms - 1, 2 * sms, 1024):
-                    plan = ash_ext._C.cuda_launch_plan(batch, n, element, sms, optin)
+                    plan = ash_ext._C.cuda_launch_plan(batch, n, element, sms, optin, clusters)
                     limit = plan["dynamic_shared_limit"]
-                    if plan["regime"] == "chunked":
+                    if plan["regime"] == "cluster":
+                        launched = by_family[("cluster_kernel", dtype, False)]
+                        assert 1 <= plan["cluster_blocks"] <= clusters and plan["grid"] % plan["cluster_blocks"] == 0
+                        assert plan["chunk_len"] * (plan["cluster_blocks"] - 1) < n <= plan["chunk_len"] * plan[
+                            "cluster_blocks"], plan
+                    elif plan["regime"] == "chunked":
                         launched = [
                             k
                             for (family, kernel_dtype, _), listed in by_family.items()
@@ -231,13 +254,13 @@ def test_every_plan_fits_the_compiled_kernels():
 def test_planner_uses_the_opt_in_limit():
     """The review's finding 6: WideResNet's [B, 640, 8, 8] float32 maps (160 KiB) go on chip on
     an H100, and the old 48 KiB window shapes are on-chip launches (which need the attribute)."""
-    sms, optin = DEVICES["h100-sxm"]
+    sms, optin, _ = DEVICES["h100-sxm"]
     assert ash_ext._C.cuda_launch_plan(128, 640 * 64, 4, sms, optin)["regime"] == "on-chip"
     assert ash_ext._C.cuda_launch_plan(2, 640 * 64, 4, sms, optin)["regime"] == "on-chip"
     window = ash_ext._C.cuda_launch_plan(4, 10200, 4, sms, optin)
     assert window["regime"] == "on-chip" and 48 * 1024 - 544 < window["dynamic_shared"] <= 48 * 1024
     # An A100 has less: 160 KiB + the histogram does not fit in 163 KiB.
-    sms, optin = DEVICES["a100"]
+    sms, optin, _ = DEVICES["a100"]
     assert ash_ext._C.cuda_launch_plan(2, 640 * 64, 4, sms, optin)["regime"] == "chunked"
     with pytest.raises(ValueError, match="positive"):
         ash_ext._C.cuda_launch_plan(0, 10, 4, sms, optin)

@@ -7,6 +7,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "cuda/ash_cuda.h"
@@ -71,11 +73,29 @@ class CudaLauncher {
   std::vector<at::Tensor> buffers_;
 };
 
+// Whether the cluster kernels run on the current device as sm_90 code: a build for older
+// architectures only (whose PTX a Hopper would JIT) has them as trapping stubs (cluster_ops.cuh).
+// Asked once per device.
+inline bool cluster_kernels_compiled_for(int device) {
+  static std::mutex mutex;
+  static std::map<int, bool> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find(device);
+  if (found == known.end()) {
+    cudaFuncAttributes attributes{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(
+        &attributes, reinterpret_cast<const void*>(&cluster_kernel<float, Variant::Prune, false>)));
+    found = known.emplace(device, attributes.binaryVersion >= 90).first;
+  }
+  return found->second;
+}
+
 // Clusters from sm_90 on, up to 16 blocks (non-portable above 8; H100 and H200 allow 16).
 inline DeviceLimits current_device_limits() {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const bool clusters = props->major >= 9 && cluster_kernels_compiled_for(c10::cuda::current_device());
   return DeviceLimits{props->multiProcessorCount, static_cast<int64_t>(props->sharedMemPerBlockOptin),
-                      props->major >= 9 ? kMaxClusterBlocks : 0};
+                      clusters ? kMaxClusterBlocks : 0};
 }
 
 template <typename scalar_t>

@@ -356,10 +356,14 @@ inline PlannedTraffic planned_traffic(const LaunchPlan& plan, int64_t n, int64_t
   t.bytes_read += output ? batch * inputs * sample_bytes : 0;
   t.bytes_written += output ? batch * sample_bytes : 0;
   t.bytes_written += output && work.per_sample_k ? samples.invalid * sample_bytes : 0;
-  // The state (a histogram of 64-bit counters and a few words per sample), zeroed, updated by
-  // atomics and read back each pass; the partial sums per chunk.
-  const int64_t state_bytes = int64_t(kNumBins) * 8 + 64;
-  t.small_bytes += batch * state_bytes * (1 + 3 * digit_kernels) + batch * plan.chunks * 3 * 8;
+  // The state (a histogram of 64-bit counters and a few words per sample): zeroed once; per digit
+  // kernel, each chunk's block adds at most min(bins, chunk) counts with 8-byte atomics, and the
+  // last block reads the counters and zeroes them; the partial sums, written and read per chunk.
+  const int64_t bins = int64_t(kNumBins);
+  const int64_t state_bytes = bins * 8 + 64;
+  const int64_t counts_per_chunk = plan.chunk_len < bins ? plan.chunk_len : bins;
+  const int64_t per_digit_kernel = plan.chunks * counts_per_chunk * 8 + 2 * state_bytes;
+  t.small_bytes += batch * (state_bytes + digit_kernels * per_digit_kernel + plan.chunks * 2 * 3 * 8);
   return t;
 }
 
