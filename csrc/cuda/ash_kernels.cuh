@@ -280,11 +280,12 @@ __device__ __forceinline__ SampleSums<acc_t> block_sums(SampleSums<acc_t> sums, 
 // len n) or by a cluster (ClusterHistogram; data is this block's slice [begin, begin + len) of
 // the sample, and every block of the cluster calls it). Ends with a barrier after the last read
 // of `data`.
+// first_digit_counted: the value phase's first digit is counted already (stage_and_count_first_digit).
 template <int kLoadsInFlight, typename scalar_t, typename Histogram>
 __device__ __forceinline__ SampleSelection<scalar_t> select_sample(const scalar_t* data, int64_t begin, int64_t len,
                                                                    int64_t n, int64_t k, const SampleLayout& layout,
-                                                                   const Histogram& histogram,
-                                                                   SelectScratch& scratch) {
+                                                                   const Histogram& histogram, SelectScratch& scratch,
+                                                                   bool first_digit_counted = false) {
   using key_t = key_type<scalar_t>;
   constexpr int kValueKeyBits = static_cast<int>(8 * sizeof(key_t));
   const RadixSelection by_value = radix_select<kLoadsInFlight>(
@@ -293,7 +294,7 @@ __device__ __forceinline__ SampleSelection<scalar_t> select_sample(const scalar_
         *key = order_key(value);
         return true;
       },
-      histogram, scratch);
+      histogram, scratch, first_digit_counted);
   SampleSelection<scalar_t> selection{static_cast<key_t>(by_value.key), by_value.rank_in_bucket, 0ull, n,
                                       &layout};
   // bucket_size counts the whole sample's ties (the cluster's, combined): every block agrees.
@@ -361,22 +362,26 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kStaged && !kBackward ? kMin
       continue;
     }
     if constexpr (kStaged) {
-      __syncthreads();  // the previous sample's output pass may still be reading `staged`
-      if constexpr (!kBackward) {
-        if (clamp.enabled) {
-          copy_to_shared(sample, staged, n, clamp);
-        } else {
-          copy_to_shared(sample, staged, n, [](scalar_t v) { return v; });
-        }
+      // The previous sample's output pass may still be reading `staged` (its selection's last
+      // use of `hist` ended at a barrier).
+      __syncthreads();
+      for (int d = static_cast<int>(threadIdx.x); d < kNumBins; d += static_cast<int>(blockDim.x)) {
+        hist[d] = 0u;
+      }
+      __syncthreads();
+      // Staged with the first radix digit counted on the way (clamped first where the op clamps).
+      if (!kBackward && clamp.enabled) {
+        stage_and_count_first_digit(sample, staged, n, clamp, hist);
       } else {
-        copy_to_shared(sample, staged, n, [](scalar_t v) { return v; });
+        stage_and_count_first_digit(sample, staged, n, [](scalar_t v) { return v; }, hist);
       }
       __syncthreads();
       sample = staged;
     }
     const SampleSelection<scalar_t> selection =
         k == 0 ? SampleSelection<scalar_t>::keep_nothing(n, &layout)
-               : select_sample<kLoadsInFlight>(sample, 0, n, n, k, layout, BlockHistogram{hist}, select_scratch);
+               : select_sample<kLoadsInFlight>(sample, 0, n, n, k, layout, BlockHistogram{hist}, select_scratch,
+                                               kStaged);
     Output output{};
     if constexpr (Output::kNeedsSums) {
       SampleSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};

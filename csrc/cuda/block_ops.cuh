@@ -287,37 +287,5 @@ __device__ __forceinline__ Pack<scalar_t> transform_pack(Pack<scalar_t> pack, Tr
   return pack;
 }
 
-// Copies n elements from global memory into a 16-byte aligned shared buffer, several loads in
-// flight per thread, storing transform(value) for each (the clamp, where the op clamps: every
-// later pass then reads clamped values without repeating it).
-template <typename scalar_t, typename Transform>
-__device__ __forceinline__ void copy_to_shared(const scalar_t* source, scalar_t* shared, int64_t n,
-                                               Transform transform) {
-  constexpr int kPackSize = Pack<scalar_t>::kSize;
-  constexpr int kLoadsInFlight = 4;
-  const int64_t packs = n / kPackSize;
-  const bool aligned = is_pack_aligned(source);
-  const int64_t stride = blockDim.x;
-  auto* shared_packs = reinterpret_cast<Pack<scalar_t>*>(shared);
-  int64_t g = threadIdx.x;
-  for (; g + (kLoadsInFlight - 1) * stride < packs; g += kLoadsInFlight * stride) {
-    Pack<scalar_t> loaded[kLoadsInFlight];
-#pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      loaded[u] = load_pack(source + (g + u * stride) * kPackSize, aligned);
-    }
-#pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      shared_packs[g + u * stride] = transform_pack(loaded[u], transform);
-    }
-  }
-  for (; g < packs; g += stride) {
-    shared_packs[g] = transform_pack(load_pack(source + g * kPackSize, aligned), transform);
-  }
-  for (int64_t i = packs * kPackSize + threadIdx.x; i < n; i += blockDim.x) {
-    shared[i] = transform(load_element(source + i));
-  }
-}
-
 }  // namespace cuda_detail
 }  // namespace ash_ext

@@ -3,7 +3,8 @@
 // Block r of a cluster of C blocks stages slice r of the sample -- elements
 // [r * slice_len, min(n, (r + 1) * slice_len)) -- in its shared memory (clamped on the way where
 // the op clamps), and every pass then runs on the staged slices:
-//  * the radix select of the threshold and, where ties must be broken, of the tie cut
+//  * the radix select of the threshold (its first digit counted while staging) and, where ties
+//    must be broken, of the tie cut
 //    (select_sample with a ClusterHistogram: each block counts its slice, and after a cluster
 //    barrier every block adds the C histograms through distributed shared memory, so that every
 //    block makes the same choice);
@@ -59,16 +60,22 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
     fill_nan(slice_out, 0, len);
     return;
   }
+  // Staged with the first radix digit counted on the way (see select_sample), clamped first where
+  // the op clamps.
+  for (int d = static_cast<int>(threadIdx.x); d < kNumBins; d += static_cast<int>(blockDim.x)) {
+    hist[d] = 0u;
+  }
+  __syncthreads();
   if (!kBackward && clamp.enabled) {
-    copy_to_shared(x + sample * n + begin, staged, len, clamp);
+    stage_and_count_first_digit(x + sample * n + begin, staged, len, clamp, hist);
   } else {
-    copy_to_shared(x + sample * n + begin, staged, len, [](scalar_t v) { return v; });
+    stage_and_count_first_digit(x + sample * n + begin, staged, len, [](scalar_t v) { return v; }, hist);
   }
   __syncthreads();
   const SampleSelection<scalar_t> selection =
       k == 0 ? SampleSelection<scalar_t>::keep_nothing(n, &layout)
              : select_sample<1>(static_cast<const scalar_t*>(staged), begin, len, n, k, layout,
-                                ClusterHistogram{hist, blocks}, select_scratch);
+                                ClusterHistogram{hist, blocks}, select_scratch, /*first_digit_counted=*/true);
   Output output{};
   if constexpr (Output::kNeedsSums) {
     SampleSums<acc_t> sums{acc_t(0), acc_t(0), acc_t(0)};

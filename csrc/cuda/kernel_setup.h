@@ -93,8 +93,9 @@ inline void prepare_launch(const void* kernel, int device, unsigned grid, unsign
   TORCH_CHECK(cluster_blocks >= 1 && cluster_blocks <= static_cast<unsigned>(kMaxClusterBlocks) &&
                   grid % cluster_blocks == 0,
               "ash_ext: a launch of ", grid, " blocks in clusters of ", cluster_blocks);
+  const bool large_clusters = cluster_blocks > static_cast<unsigned>(kMaxPortableClusterBlocks);
   const KernelFacts facts = KernelSetup::instance().prepare(
-      kernel, device, shared_bytes > 0, dynamic_limit, cluster_blocks > static_cast<unsigned>(kMaxPortableClusterBlocks));
+      kernel, device, shared_bytes > 0, dynamic_limit, large_clusters);
   TORCH_CHECK(grid >= 1 && grid <= static_cast<unsigned>(INT_MAX), "ash_ext: a launch of ", grid, " blocks");
   TORCH_CHECK(block >= 1 && static_cast<int>(block) <= facts.max_threads, "ash_ext: a launch of ", block,
               " threads per block, but the kernel allows at most ", facts.max_threads);

@@ -128,6 +128,62 @@ __device__ __forceinline__ void count_digits(const scalar_t* data, int64_t begin
   }
 }
 
+// Stages the `len` elements at `source` (global memory) in `staged` (shared, 16-byte aligned) as
+// transform(value) (the clamp, where the op clamps: every later pass reads clamped values) and
+// counts, on the way, the first digit of the value phase's keys (order_key of the staged value)
+// into `hist`, which the caller has zeroed behind a barrier: the first radix pass then needs no
+// pass over the staged sample of its own (radix_select with first_pass_counted), and its counting
+// overlaps the loads in flight. Elements
+// go to threads as in count_digits (every lane of a warp runs the same rounds). Every thread of
+// the block calls it; the counts are complete after the next barrier.
+template <typename scalar_t, typename Transform>
+__device__ __forceinline__ void stage_and_count_first_digit(const scalar_t* source, scalar_t* staged, int64_t len,
+                                                            Transform transform, unsigned* hist) {
+  constexpr int kPackSize = Pack<scalar_t>::kSize;
+  constexpr int kLoadsInFlight = 4;
+  const DigitPass digit = digit_pass(static_cast<int>(8 * sizeof(key_type<scalar_t>)), 0);
+  const int64_t packs = len / kPackSize;
+  const bool aligned = is_pack_aligned(source);
+  const int64_t lane = threadIdx.x % kWarpSize;
+  const int64_t stride = blockDim.x;
+  auto* staged_packs = reinterpret_cast<Pack<scalar_t>*>(staged);
+  Pack<scalar_t> ahead[kLoadsInFlight];
+#pragma unroll
+  for (int u = 0; u < kLoadsInFlight; ++u) {
+    const int64_t g = threadIdx.x + u * stride;
+    if (g < packs) {
+      ahead[u] = load_pack(source + g * kPackSize, aligned);
+    }
+  }
+  for (int64_t warp_first = threadIdx.x - lane; warp_first < packs; warp_first += stride) {
+    const int64_t g = warp_first + lane;
+    const bool in_range = g < packs;
+    const Pack<scalar_t> pack = transform_pack(ahead[0], transform);
+#pragma unroll
+    for (int u = 0; u + 1 < kLoadsInFlight; ++u) {
+      ahead[u] = ahead[u + 1];
+    }
+    if (g + kLoadsInFlight * stride < packs) {
+      ahead[kLoadsInFlight - 1] = load_pack(source + (g + kLoadsInFlight * stride) * kPackSize, aligned);
+    }
+    if (in_range) {
+      staged_packs[g] = pack;
+    }
+#pragma unroll
+    for (int j = 0; j < kPackSize; ++j) {
+      warp_count_digit(hist, in_range ? digit.digit(order_key(pack.v[j])) : kNoDigit);
+    }
+  }
+  const int64_t tail = packs * kPackSize;
+  if (tail < len && static_cast<int64_t>(threadIdx.x) == packs % stride) {
+    for (int64_t i = tail; i < len; ++i) {
+      const scalar_t value = transform(load_element(source + i));
+      staged[i] = value;
+      atomicAdd(&hist[digit.digit(order_key(value))], 1u);
+    }
+  }
+}
+
 struct BucketChoice {
   unsigned digit;
   unsigned long long above;  // candidates in the buckets above the chosen one
@@ -195,12 +251,15 @@ struct BlockHistogram {
 // cluster this block's slice of it), found by the block (or the cluster, whose blocks all call it
 // with the same rank). key_of(offset, value, &key) -- offset within data -- says whether the
 // element is a candidate and gives its key (at most key_bits wide). histogram.hist is shared
-// memory of kNumBins counters (a histogram's counts must stay below 2^32). Every thread calls it
-// and gets the same answer; it ends with a barrier after the block's last read of `data`.
+// memory of kNumBins counters (a histogram's counts must stay below 2^32). first_pass_counted:
+// the first pass's counts are in the histogram already (stage_and_count_first_digit; value keys,
+// every element a candidate). Every thread calls it and gets the same answer; it ends with a
+// barrier after the block's last read of `data`.
 template <int kLoadsInFlight, typename scalar_t, typename KeyOf, typename Histogram>
 __device__ __forceinline__ RadixSelection radix_select(const scalar_t* data, int64_t len, int key_bits,
                                                        unsigned long long rank, KeyOf key_of,
-                                                       const Histogram& histogram, SelectScratch& scratch) {
+                                                       const Histogram& histogram, SelectScratch& scratch,
+                                                       bool first_pass_counted = false) {
   RadixSelection result{0ull, rank, 0ull};
   unsigned* hist = histogram.hist;
   const int passes = digit_passes(key_bits);
@@ -208,14 +267,16 @@ __device__ __forceinline__ RadixSelection radix_select(const scalar_t* data, int
     const DigitPass digit = digit_pass(key_bits, pass);
     const unsigned long long decided = digit.decided_mask();
     const unsigned long long prefix = result.key;
-    for (int d = static_cast<int>(threadIdx.x); d < digit.bins(); d += static_cast<int>(blockDim.x)) {
-      hist[d] = 0u;
+    if (pass > 0 || !first_pass_counted) {
+      for (int d = static_cast<int>(threadIdx.x); d < digit.bins(); d += static_cast<int>(blockDim.x)) {
+        hist[d] = 0u;
+      }
+      __syncthreads();
+      count_digits<kLoadsInFlight>(data, 0, len, hist, [&](int64_t offset, scalar_t value) {
+        unsigned long long key;
+        return key_of(offset, value, &key) && (key & decided) == prefix ? digit.digit(key) : kNoDigit;
+      });
     }
-    __syncthreads();
-    count_digits<kLoadsInFlight>(data, 0, len, hist, [&](int64_t offset, scalar_t value) {
-      unsigned long long key;
-      return key_of(offset, value, &key) && (key & decided) == prefix ? digit.digit(key) : kNoDigit;
-    });
     histogram.counted();
     choose_bucket([&](int d) { return histogram.count(d); }, digit.bins(), result.rank_in_bucket, scratch.scan,
                   &scratch.choice);

@@ -118,8 +118,8 @@ BUGS = (
         "address",
         "sanitize",
         "csrc/cuda/radix_select.cuh",
-        (("    for (int64_t i = tail; i < end; ++i) {\n      const unsigned digit = digit_of(i, data[i]);",
-          "    for (int64_t i = tail; i <= end; ++i) {\n      const unsigned digit = digit_of(i, data[i]);"),),
+        (("    for (int64_t i = tail; i < end; ++i) {\n      const unsigned digit = digit_of(i,",
+          "    for (int64_t i = tail; i <= end; ++i) {\n      const unsigned digit = digit_of(i,"),),
         r"AddressSanitizer: heap-buffer-overflow",
     ),
     PlantedBug(
@@ -128,8 +128,8 @@ BUGS = (
         "none",
         "smoke",
         "csrc/cuda/kernel_setup.h",
-        (("KernelSetup::instance().prepare(kernel, device, shared_bytes > 0, dynamic_limit);",
-          "KernelSetup::instance().prepare(kernel, device, shared_bytes > 48 * 1024, dynamic_limit);"),),
+        (("      kernel, device, shared_bytes > 0, dynamic_limit, large_clusters",
+          "      kernel, device, shared_bytes > 48 * 1024, dynamic_limit, large_clusters"),),
         r"fails with cudaErrorInvalidValue: \d+ bytes of dynamic shared memory over the kernel's limit",
     ),
     PlantedBug(
@@ -140,8 +140,8 @@ BUGS = (
         "csrc/cuda/kernel_setup.h",
         (
             ("    if (uses_dynamic_shared && !entry.dynamic_limit_set) {", "    if (uses_dynamic_shared) {"),
-            ("KernelSetup::instance().prepare(kernel, device, shared_bytes > 0, dynamic_limit);",
-             "KernelSetup::instance().prepare(kernel, device, shared_bytes > 0, shared_bytes);"),
+            ("      kernel, device, shared_bytes > 0, dynamic_limit, large_clusters",
+             "      kernel, device, shared_bytes > 0, shared_bytes, large_clusters"),
         ),
         r"lowers the dynamic shared-memory limit",
     ),
