@@ -417,3 +417,43 @@ def test_family_gradients_match_the_fallback(shape):
         leaf2 = x.clone().requires_grad_()
         (want,) = torch.autograd.grad(getattr(fallback, name)(leaf2, fractions, **kwargs).square().sum(), leaf2)
         torch.testing.assert_close(got, want, **TOLERANCE[torch.float64])
+
+
+def has_clusters() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_properties(0).major >= 9
+
+
+@pytest.mark.parametrize("shape", [(64, 2048, 7, 7), (8, 2048, 7, 7), (3, 70001), (5, 3000)], ids=str)
+@pytest.mark.parametrize("kind", ["relu", "integers", "special"])
+def test_every_forced_regime_matches_the_fallback(shape, kind, monkeypatch):
+    """ASH_EXT_CUDA_REGIME: each regime on the same input, ASH-P bit-identical across them, all
+    against the fallback, forward and backward."""
+    x = make(kind, shape, seed=len(kind))
+    regimes = ["auto", "sample-per-block", "chunked"] + (["cluster"] if has_clusters() else [])
+    outputs = {}
+    for regime in regimes:
+        monkeypatch.setenv("ASH_EXT_CUDA_REGIME", regime)
+        for name in NAMES:
+            outputs[(regime, name)] = check_forward(name, x, 0.65)
+        leaf = x.clone().requires_grad_(True)
+        ash_ext.ash_s(leaf, 0.65).sum().backward()
+        ref = x.clone().requires_grad_(True)
+        fallback.ash_s(ref, 0.65).sum().backward()
+        torch.testing.assert_close(leaf.grad, ref.grad, **TOLERANCE[x.dtype])
+    for regime in regimes[1:]:
+        assert torch.equal(outputs[(regime, "ash_p")], outputs[("auto", "ash_p")]), regime
+
+
+def test_forced_cluster_regime_where_it_cannot_serve(monkeypatch):
+    monkeypatch.setenv("ASH_EXT_CUDA_REGIME", "cluster")
+    x = torch.randn(2, 3000, device="cuda")
+    if has_clusters():
+        ash_ext.ash_s(x, 0.65)  # a cluster of one block
+        with pytest.raises(ValueError, match="does not fit the shared memory of a cluster"):
+            ash_ext.ash_s(torch.randn(1, 1 << 22, device="cuda"), 0.65)
+    else:
+        with pytest.raises(ValueError, match="has no thread-block clusters"):
+            ash_ext.ash_s(x, 0.65)
+    monkeypatch.setenv("ASH_EXT_CUDA_REGIME", "fastest")
+    with pytest.raises(ValueError, match="ASH_EXT_CUDA_REGIME=fastest: expected auto, cluster"):
+        ash_ext.ash_s(x, 0.65)

@@ -75,8 +75,10 @@ class CudaLauncher {
 
 // Whether the cluster kernels run on the current device as sm_90 code: a build for older
 // architectures only (whose PTX a Hopper would JIT) has them as trapping stubs (cluster_ops.cuh).
-// Asked once per device.
-inline bool cluster_kernels_compiled_for(int device) {
+// Asked once per device and dtype, of this dtype's own kernel (each dtype's kernels are in a
+// translation unit of their own; naming another's would compile it again here).
+template <typename scalar_t>
+bool cluster_kernels_compiled_for(int device) {
   static std::mutex mutex;
   static std::map<int, bool> known;
   const std::lock_guard<std::mutex> lock(mutex);
@@ -84,16 +86,17 @@ inline bool cluster_kernels_compiled_for(int device) {
   if (found == known.end()) {
     cudaFuncAttributes attributes{};
     C10_CUDA_CHECK(cudaFuncGetAttributes(
-        &attributes, reinterpret_cast<const void*>(&cluster_kernel<float, Variant::Prune, false>)));
+        &attributes, reinterpret_cast<const void*>(&cluster_kernel<scalar_t, Variant::Prune, false>)));
     found = known.emplace(device, attributes.binaryVersion >= 90).first;
   }
   return found->second;
 }
 
 // Clusters from sm_90 on, up to 16 blocks (non-portable above 8; H100 and H200 allow 16).
-inline DeviceLimits current_device_limits() {
+template <typename scalar_t>
+DeviceLimits current_device_limits() {
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const bool clusters = props->major >= 9 && cluster_kernels_compiled_for(c10::cuda::current_device());
+  const bool clusters = props->major >= 9 && cluster_kernels_compiled_for<scalar_t>(c10::cuda::current_device());
   return DeviceLimits{props->multiProcessorCount, static_cast<int64_t>(props->sharedMemPerBlockOptin),
                       clusters ? kMaxClusterBlocks : 0};
 }
@@ -101,7 +104,7 @@ inline DeviceLimits current_device_limits() {
 template <typename scalar_t>
 void run_ash_cuda(bool backward, Variant variant, const scalar_t* x, const scalar_t* grad, scalar_t* out,
                   const ShapeArgs& args, const SampleLayout& layout, const at::Tensor& like) {
-  const DeviceLimits limits = current_device_limits();
+  const DeviceLimits limits = current_device_limits<scalar_t>();
   const RegimeRequest request = regime_request_from_env();
   CudaLauncher launcher(like, limits);
   const SampleKs ks{args.k_per_sample, args.k};
@@ -116,7 +119,7 @@ void run_ash_cuda(bool backward, Variant variant, const scalar_t* x, const scala
 template <typename scalar_t>
 void run_stats_cuda(const scalar_t* x, const ShapeArgs& args, const SampleLayout& layout, scalar_t* threshold,
                     acc_type<scalar_t>* total, acc_type<scalar_t>* kept, const at::Tensor& like) {
-  const DeviceLimits limits = current_device_limits();
+  const DeviceLimits limits = current_device_limits<scalar_t>();
   CudaLauncher launcher(like, limits);
   run_stats<scalar_t>(launcher, limits, x, SampleKs{args.k_per_sample, args.k},
                       clamp_bounds<scalar_t>(args.clamped, args.clamp_min, args.clamp_max),

@@ -369,11 +369,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads, kStaged && !kBackward ? kMin
         hist[d] = 0u;
       }
       __syncthreads();
-      // Staged with the first radix digit counted on the way (clamped first where the op clamps).
+      // Staged with the first radix digit counted on the way (clamped first where the op clamps);
+      // the forward kernels' 64 registers a thread hold two float32 / float64 packs in flight
+      // without spilling, and one of 16-bit types (8 values to count a pack).
+      constexpr int kStagingLoads = kBackward ? 4 : (sizeof(scalar_t) == 2 ? 1 : 2);
       if (!kBackward && clamp.enabled) {
-        stage_and_count_first_digit(sample, staged, n, clamp, hist);
+        stage_and_count_first_digit<kStagingLoads>(sample, staged, n, clamp, hist);
       } else {
-        stage_and_count_first_digit(sample, staged, n, [](scalar_t v) { return v; }, hist);
+        stage_and_count_first_digit<kStagingLoads>(sample, staged, n, [](scalar_t v) { return v; }, hist);
       }
       __syncthreads();
       sample = staged;

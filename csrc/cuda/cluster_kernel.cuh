@@ -67,9 +67,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, 1)
   }
   __syncthreads();
   if (!kBackward && clamp.enabled) {
-    stage_and_count_first_digit(x + sample * n + begin, staged, len, clamp, hist);
+    stage_and_count_first_digit<4>(x + sample * n + begin, staged, len, clamp, hist);
   } else {
-    stage_and_count_first_digit(x + sample * n + begin, staged, len, [](scalar_t v) { return v; }, hist);
+    stage_and_count_first_digit<4>(x + sample * n + begin, staged, len, [](scalar_t v) { return v; }, hist);
   }
   __syncthreads();
   const SampleSelection<scalar_t> selection =

@@ -134,13 +134,13 @@ __device__ __forceinline__ void count_digits(const scalar_t* data, int64_t begin
 // into `hist`, which the caller has zeroed behind a barrier: the first radix pass then needs no
 // pass over the staged sample of its own (radix_select with first_pass_counted), and its counting
 // overlaps the loads in flight. Elements
-// go to threads as in count_digits (every lane of a warp runs the same rounds). Every thread of
+// go to threads as in count_digits (every lane of a warp runs the same rounds), with
+// kLoadsInFlight packs a thread loaded ahead (fewer where registers are short). Every thread of
 // the block calls it; the counts are complete after the next barrier.
-template <typename scalar_t, typename Transform>
+template <int kLoadsInFlight, typename scalar_t, typename Transform>
 __device__ __forceinline__ void stage_and_count_first_digit(const scalar_t* source, scalar_t* staged, int64_t len,
                                                             Transform transform, unsigned* hist) {
   constexpr int kPackSize = Pack<scalar_t>::kSize;
-  constexpr int kLoadsInFlight = 4;
   const DigitPass digit = digit_pass(static_cast<int>(8 * sizeof(key_type<scalar_t>)), 0);
   const int64_t packs = len / kPackSize;
   const bool aligned = is_pack_aligned(source);

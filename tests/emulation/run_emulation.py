@@ -692,6 +692,22 @@ def compare_regimes(checker: Checker, module, generator, dtypes) -> None:
                         if base is not None and other is not None:
                             checker.compare(f"regime {name} vs auto {dtype} {shape} {kind} {variant}", other, base,
                                             variant, dtype)
+        # A regime that cannot serve the shape, or a misspelt one: a ValueError naming it.
+        x = make_input("relu", (2, 3000), torch.float32, generator)
+        refused = (("cluster", (SM_COUNT, SMALL_SHARED_PER_BLOCK, 0), "has no thread-block clusters"),
+                   ("clusters", (HOPPER_SM_COUNT, SMALL_SHARED_PER_BLOCK, 8),
+                    "ASH_EXT_CUDA_REGIME=clusters: expected auto, cluster"))
+        for name, limits, message in refused:
+            module.set_device_limits(*limits)
+            os.environ["ASH_EXT_CUDA_REGIME"] = name
+            checker.count += 1
+            try:
+                torch.ops.ash_ext.ash(x, 1000, 2)
+                checker.failures.append(f"ASH_EXT_CUDA_REGIME={name} on {limits}: no error")
+            except ValueError as error:
+                if message not in str(error):
+                    checker.failures.append(f"ASH_EXT_CUDA_REGIME={name}: {error}")
+        module.set_device_limits(HOPPER_SM_COUNT, SMALL_SHARED_PER_BLOCK, HOPPER_MAX_CLUSTER)
     finally:
         os.environ.pop("ASH_EXT_CUDA_REGIME", None)
 
