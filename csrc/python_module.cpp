@@ -271,6 +271,9 @@ PyObject* cuda_launch_plan(PyObject* /*self*/, PyObject* args, PyObject* kwargs)
                                stats != 0};
     untied = cd::planned_traffic(plan, n, element_bytes, work, cd::SampleCounts{batch, 0, 0, 0});
     tied = cd::planned_traffic(plan, n, element_bytes, work, cd::SampleCounts{batch, batch, 0, 0});
+  } catch (const c10::Error& error) {
+    PyErr_SetString(PyExc_ValueError, error.what_without_backtrace());  // the planner's message alone
+    return nullptr;
   } catch (const std::exception& error) {
     PyErr_SetString(PyExc_ValueError, error.what());
     return nullptr;
