@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -69,11 +69,32 @@ def check_fraction(name: str, value: object) -> float:
     return number
 
 
+def name_key(name: str) -> str:
+    """The spelling rule for every name ash_ext accepts (variants, shaping methods, bench methods):
+    case and surrounding spaces are ignored and ``_`` reads as ``-``, so ``"ash-s"`` (pytorch-ood's
+    spelling), ``"ASH-S"`` and ``"ash_s"`` are one name."""
+    return name.strip().lower().replace("_", "-")
+
+
+def canonical_name(kind: str, name: object, valid: Iterable[str]) -> str:
+    """``name`` in its canonical spelling (the one in ``valid``) under :func:`name_key`'s rule.
+
+    Raises ``ValueError`` naming ``kind``, the bad value and the valid names.
+    """
+    names = tuple(valid)
+    if isinstance(name, str):
+        key = name_key(name)
+        if key in names:
+            return key
+    raise ValueError(f"{kind} must be one of {', '.join(names)} (any case, '_' or '-'), got {name!r}")
+
+
 def check_variant(variant: object) -> str:
-    """Return ``variant`` if it names an ASH variant, else raise ``ValueError`` naming it."""
-    if not isinstance(variant, str) or variant not in VARIANT_CODES:
-        raise ValueError(f"variant must be one of {sorted(VARIANT_CODES)}, got {variant!r}")
-    return variant
+    """Return the canonical spelling of the ASH/SCALE variant ``variant`` (see :func:`name_key`),
+    else raise ``ValueError`` naming it and the valid names."""
+    if type(variant) is str and variant in VARIANT_CODES:  # the common case, already canonical
+        return variant
+    return canonical_name("variant", variant, VARIANT_CODES)
 
 
 def check_input(x: object) -> torch.Tensor:

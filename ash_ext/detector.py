@@ -19,7 +19,7 @@ from torch.nn import Module
 
 from . import functional
 from . import percentile as quantiles
-from ._semantics import check_fraction, check_variant
+from ._semantics import canonical_name, check_fraction
 from .detector_base import (
     DetectorInfo,
     FeatureMapsDetector,
@@ -198,7 +198,8 @@ class ASH(_LayerDetector):
 
     @variant.setter
     def variant(self, value: str) -> None:
-        self._variant = check_variant(value)
+        # ASH's own variants (SCALE is a detector of its own), under the one spelling rule.
+        self._variant = canonical_name("variant", value, self.variants)
         self.ash: Callable[..., Tensor] = self.variants[self._variant]
 
     @property

@@ -43,7 +43,7 @@ def shape_with(
 ) -> Tensor:
     """:func:`shape`, optionally forced onto the pure-PyTorch fallback (for comparisons)."""
     check_input(x)
-    check_variant(variant)
+    variant = check_variant(variant)
     clamp_max = check_clip(clip)
     k = resolve_kept_counts(x, percentile)
     use_fallback = force_fallback or implementation_for(x) == FALLBACK
@@ -86,7 +86,8 @@ def shape(
     inplace: bool = False,
     clip: Optional[float] = None,
 ) -> Tensor:
-    """Apply the shaping ``variant`` (``"ash-p"``, ``"ash-b"``, ``"ash-s"`` or ``"scale"``) to ``x``.
+    """Apply the shaping ``variant`` (``"ash-p"``, ``"ash-b"``, ``"ash-s"`` or ``"scale"``, in any case,
+    ``_`` or ``-``) to ``x``.
 
     ``x`` is ``[B, ...]``: each of the B samples keeps its ``k = n - round(n * percentile)``
     largest values (n = values per sample); ASH zeroes the rest, SCALE only uses them for its
@@ -96,8 +97,9 @@ def shape(
     ``inplace=True``, which writes into ``x`` and returns it (not differentiable).
     """
     code = VARIANT_CODES.get(variant) if type(variant) is str else None
-    if code is None:  # not a variant: the general path raises
-        return shape_with(x, percentile, variant, inplace=inplace, clip=clip)
+    if code is None:  # another spelling of a variant, or a ValueError naming the valid ones
+        variant = check_variant(variant)
+        code = VARIANT_CODES[variant]
     return _shape(x, percentile, variant, code, inplace, clip)
 
 

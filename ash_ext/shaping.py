@@ -26,7 +26,7 @@ from torch.nn import Module
 from torch.utils.hooks import RemovableHandle
 
 from . import functional
-from ._semantics import check_percentile
+from ._semantics import canonical_name, check_percentile
 
 #: The shaping methods :func:`shaping` knows.
 METHODS: Tuple[str, ...] = ("ash-p", "ash-b", "ash-s", "scale", "react")
@@ -104,8 +104,7 @@ def make_shaper(
         ``threshold`` with another method, a bad percentile or a NaN threshold / clip
     :raises TypeError: for a percentile, threshold or clip that is not a number
     """
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    method = canonical_name("method", method, METHODS)
     if method == "react":
         if threshold is None:
             raise ValueError("method='react' needs threshold= (the clipping value, e.g. a fitted ReAct.threshold)")
@@ -252,8 +251,8 @@ class Shaping:
         self.model = model
         self.layer = layer
         self.on = check_side(on)
-        self.method = method
         self.shaper = make_shaper(method, percentile, threshold=threshold, clip=clip)
+        self.method = canonical_name("method", method, METHODS)
         self._tokens: List[object] = []
 
     def __enter__(self) -> Module:

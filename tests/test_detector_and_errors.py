@@ -256,15 +256,37 @@ def test_not_a_tensor(not_a_tensor):
         ash_ext.ash_p(not_a_tensor, 0.5)
 
 
-@pytest.mark.parametrize("variant", ["ash-x", "ASH-S", "ash_s", "", "ash"])
+@pytest.mark.parametrize("variant", ["ash-x", "ashs", "", "ash", "ash--s", "ash-s2"])
 def test_unknown_variant(variant):
     x = torch.randn(2, 4)
-    with pytest.raises(ValueError, match=repr(variant)):
+    valid = "ash-p, ash-b, ash-s, scale"
+    with pytest.raises(ValueError, match=f"{valid}.*{variant!r}"):
         ash_ext.shape(x, 0.5, variant)
-    with pytest.raises(ValueError, match=repr(variant)):
+    with pytest.raises(ValueError, match=f"{valid}.*{variant!r}"):
         ash_ext.shape(x, 0.5, variant, inplace=True)
-    with pytest.raises(ValueError, match=repr(variant)):
+    with pytest.raises(ValueError, match=f"ash-s, ash-p, ash-b .*{variant!r}"):
         ash_ext.ASH(nn.Identity(), nn.Identity(), variant=variant)
+    with pytest.raises(ValueError, match=f"ash-p, ash-b, ash-s, scale, react.*{variant!r}"):
+        ash_ext.shaping(nn.Sequential(nn.Identity()), "0", method=variant)
+
+
+@pytest.mark.parametrize("spelling", ["ASH-S", "ash_s", " Ash-S ", "ASH_S", "Scale", "ASH-p", "ash_b"])
+def test_one_spelling_rule_for_variants(spelling):
+    """Case, surrounding spaces and '_' for '-' do not matter, in the functions, the detector and
+    the shaping hooks alike; every one resolves to pytorch-ood's spelling."""
+    canonical = spelling.strip().lower().replace("_", "-")
+    x = torch.randn(3, 40)
+    assert torch.equal(ash_ext.shape(x, 0.5, spelling), ash_ext.shape(x, 0.5, canonical))
+    y = x.clone()
+    ash_ext.shape(y, 0.5, spelling, inplace=True)
+    assert torch.equal(y, ash_ext.shape(x, 0.5, canonical))
+    if canonical == "scale":  # SCALE is a detector of its own, not an ASH variant
+        with pytest.raises(ValueError, match="ash-s, ash-p, ash-b.*'Scale'"):
+            ash_ext.ASH(nn.Identity(), nn.Identity(), variant=spelling)
+    else:
+        assert ash_ext.ASH(nn.Identity(), nn.Identity(), variant=spelling).variant == canonical
+    with ash_ext.shaping(nn.Sequential(nn.Identity()), "0", method=spelling, percentile=0.5) as model:
+        assert model[0] is not None and torch.equal(model(x), ash_ext.shape(x, 0.5, canonical))
 
 
 @pytest.mark.parametrize("variant", [None, 1, ("ash-s",)])
