@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Iterable, Optional, Union
 
 import torch
@@ -112,7 +113,15 @@ def check_input(x: object) -> torch.Tensor:
 
 
 def sample_size(x: torch.Tensor) -> int:
-    """Number of values per sample: the product of all dimensions but the first."""
+    """Number of values per sample: the product of all dimensions but the first.
+
+    Under ``torch.jit.trace`` the sizes are traced values; k is computed on the host from n, so
+    the trace is specialised to the traced sample size (the batch may still vary), as documented.
+    """
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return math.prod(int(size) for size in x.shape[1:])
     return math.prod(x.shape[1:])
 
 
