@@ -22,6 +22,7 @@ from ._semantics import (
     check_variant,
     resolve_kept_counts,
 )
+from .scripting import scripted_shape, scripted_variant_code
 
 # The variants' codes, for the public functions' fast path.
 _ASH_P, _ASH_B, _ASH_S, _SCALE = (VARIANT_CODES[name] for name in ("ash-p", "ash-b", "ash-s", "scale"))
@@ -82,7 +83,6 @@ def shape(
     x: Tensor,
     percentile: Percentile = 0.65,
     variant: str = "ash-s",
-    *,
     inplace: bool = False,
     clip: Optional[float] = None,
 ) -> Tensor:
@@ -96,6 +96,8 @@ def shape(
     pass: the result equals ``shape(x.clamp(max=clip), ...)``. Out of place unless
     ``inplace=True``, which writes into ``x`` and returns it (not differentiable).
     """
+    if torch.jit.is_scripting():
+        return scripted_shape(x, percentile, scripted_variant_code(variant), inplace, clip)
     code = VARIANT_CODES.get(variant) if type(variant) is str else None
     if code is None:  # another spelling of a variant, or a ValueError naming the valid ones
         variant = check_variant(variant)
@@ -103,7 +105,7 @@ def shape(
     return _shape(x, percentile, variant, code, inplace, clip)
 
 
-def ash_p(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
+def ash_p(x: Tensor, percentile: Percentile = 0.65, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
     """ASH-P: keep each sample's ``k`` largest values as they are and zero the rest.
 
     :param x: activations ``[B, ...]`` (float16, bfloat16, float32 or float64, rank >= 2)
@@ -112,34 +114,42 @@ def ash_p(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, cl
     :param inplace: write the result into ``x`` and return ``x``
     :param clip: ReAct's threshold: values are clamped at ``clip`` before selection and sums
     """
+    if torch.jit.is_scripting():
+        return scripted_shape(x, percentile, scripted_variant_code("ash-p"), inplace, clip)
     return _shape(x, percentile, "ash-p", _ASH_P, inplace, clip)
 
 
-def ash_b(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
+def ash_b(x: Tensor, percentile: Percentile = 0.65, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
     """ASH-B: set each sample's ``k`` largest values to ``s1 / k`` (s1: the sample's sum), zero the rest.
 
     Arguments as for :func:`ash_p`.
     """
+    if torch.jit.is_scripting():
+        return scripted_shape(x, percentile, scripted_variant_code("ash-b"), inplace, clip)
     return _shape(x, percentile, "ash-b", _ASH_B, inplace, clip)
 
 
-def ash_s(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
+def ash_s(x: Tensor, percentile: Percentile = 0.65, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
     """ASH-S: scale each sample's ``k`` largest values by ``exp(s1 / s2)``, zero the rest.
 
     s1 is the sample's sum, s2 the sum of the kept values. Where s2 is 0 the reference's factor
     exp(s1 / 0) is 0 for s1 < 0 (kept: the output is zeros) and inf or NaN otherwise (replaced by 1).
     Arguments as for :func:`ash_p`.
     """
+    if torch.jit.is_scripting():
+        return scripted_shape(x, percentile, scripted_variant_code("ash-s"), inplace, clip)
     return _shape(x, percentile, "ash-s", _ASH_S, inplace, clip)
 
 
-def scale(x: Tensor, percentile: Percentile = 0.65, *, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
+def scale(x: Tensor, percentile: Percentile = 0.65, inplace: bool = False, clip: Optional[float] = None) -> Tensor:
     """SCALE (Xu et al., ICLR 2024): ``x * exp(s1 / s2)`` per sample, nothing pruned.
 
     s1 is the sample's sum, s2 the sum of its ``k = n - round(n * percentile)`` largest values;
     the zero-s2 rule is ASH-S's. Equal to ``pytorch_ood.detector.scale.scale`` where that is
     finite. Arguments as for :func:`ash_p`.
     """
+    if torch.jit.is_scripting():
+        return scripted_shape(x, percentile, scripted_variant_code("scale"), inplace, clip)
     return _shape(x, percentile, "scale", _SCALE, inplace, clip)
 
 
