@@ -20,21 +20,32 @@ export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
 .PHONY: setup build test lint bench planted-bugs clean
 
+# pip -qq: errors only (this machine's pip configuration warns once per package about an index
+# folder it lacks, ~50 lines that say nothing about the install).
+PIP := $(PY) -m pip install -qq
+
 $(VENV)/.deps-ready:
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet ninja numpy scipy typing_extensions matplotlib pytest hypothesis pytest-benchmark ruff
-	# pytorch-ood 0.4.0, for parity tests and the benchmark; --no-deps keeps the torch above.
-	$(PY) -m pip install --quiet --no-deps pytorch-ood==0.4.0
-	touch $@
+	@echo "setup: a venv in $(VENV) with torch 2.14.1 (CUDA 13.0 build), pytorch-ood 0.4.0, onnx/onnxruntime and the test tools"
+	@start=$$(date +%s); step() { echo "  $$(( $$(date +%s) - start ))s  $$1"; }; \
+	$(PYTHON) -m venv $(VENV) && \
+	step "pip, setuptools, wheel" && $(PIP) --upgrade pip setuptools wheel && \
+	step "$(TORCH_SPEC) (the largest download)" && $(PIP) $(TORCH_SPEC) && \
+	step "ninja numpy scipy matplotlib pytest hypothesis pytest-benchmark ruff" && \
+	$(PIP) ninja numpy scipy typing_extensions matplotlib pytest hypothesis pytest-benchmark ruff && \
+	step "onnx onnxscript onnxruntime (the onnx extra: export tests)" && $(PIP) onnx onnxscript onnxruntime && \
+	step "pytorch-ood 0.4.0 (--no-deps: keeps the torch above)" && $(PIP) --no-deps pytorch-ood==0.4.0 && \
+	echo "setup: done in $$(( $$(date +%s) - start )) s"
+	@touch $@
 
 setup: $(VENV)/.deps-ready
 
-# Rebuilt only when a source or setup.py changed since the last build in this venv.
-SOURCES := setup.py $(shell find csrc -type f 2>/dev/null)
+# Rebuilt only when a source or setup.py changed since the last build in this venv. The build
+# script prints what it builds, an estimate, one line per compiled file and the time taken; the
+# editable install then only links the package into the venv (no second build).
+SOURCES := setup.py tools/build_extension.py $(shell find csrc -type f 2>/dev/null)
 $(VENV)/.built: $(VENV)/.deps-ready $(SOURCES)
-	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --quiet --no-build-isolation -e .
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) tools/build_extension.py
+	ASH_EXT_NO_EXTENSION=1 $(PIP) --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(VENV)/.built
