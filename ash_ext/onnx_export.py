@@ -193,11 +193,11 @@ class _Sample:
         if self.compute != code:
             flat = b.op("Cast", flat, to=self.compute)
         if clamp_min is not None:
-            low = _scalar(b, _bound(clamp_min, code), self.compute)
-            flat = b.op("Where", b.op("Less", flat, low), low, flat)
+            low = _bound(clamp_min, code)
+            flat = self._replace(b.op("Less", flat, _scalar(b, low, self.compute)), low, flat)
         if clamp_max is not None:
-            high = _scalar(b, _bound(clamp_max, code), self.compute)
-            flat = b.op("Where", b.op("Less", high, flat), high, flat)
+            high = _bound(clamp_max, code)
+            flat = self._replace(b.op("Less", _scalar(b, high, self.compute), flat), high, flat)
         self.flat = flat
         self.n = b.op("Gather", self.flat_shape, _scalar(b, 1, _INT64), axis=0)  # 0-d int64
         self.zero = _scalar(b, 0.0, self.compute)
@@ -221,22 +221,44 @@ class _Sample:
             self.invalid = b.op("Or", b.op("Less", self.ks, _scalar(b, 0, _INT64)), b.op("Greater", self.ks, self.n))
         self._selection: Optional[tuple[Any, Any, Any]] = None
 
+    def _replace(self, condition: Any, bound: float, values: Any) -> Any:
+        """``values`` with ``bound`` where ``condition`` holds (a clamp)."""
+        b = self.b
+        if bound == 0 and math.copysign(1.0, bound) < 0:
+            # A bound of -0.0 through Where's X input would come out +0.0 (see keep): zero there,
+            # then give those zeros their sign by a product (x * 1 is x, NaN and -0.0 included).
+            zeroed = b.op("Where", condition, _scalar(b, 0.0, self.compute), values)
+            sign = b.op("Where", condition, _scalar(b, -1.0, self.compute), _scalar(b, 1.0, self.compute))
+            return b.op("Mul", zeroed, sign)
+        return b.op("Where", condition, _scalar(self.b, bound, self.compute), values)
+
+    def keep(self, values: Any) -> Any:
+        """``values`` where the selection keeps them, +0.0 elsewhere.
+
+        The values go through Where's Y input, with a condition that no Not computes: onnxruntime's
+        CPU Where merges its two selections with ``x != 0 ? x : y``, which turns a -0.0 from the X
+        input into +0.0 (ash_ext keeps a kept -0.0 as it is), while a Y value passes unchanged;
+        and its graph optimiser rewrites ``Where(Not(c), a, b)`` into ``Where(c, b, a)``.
+        """
+        return self.b.op("Where", self.selection()[0], self.zero, values)
+
     def sum(self, values: Any) -> Any:
         return self.b.op("ReduceSum", values, self.axes, keepdims=0)
 
     def selection(self) -> tuple[Any, Any, Any]:
-        """(mask of the kept values [B, n], TopK's sorted keys [B, K] or None, NaN count [B, 1])."""
+        """(mask of the values not kept [B, n], TopK's sorted keys [B, K] or None, NaN count [B, 1])."""
         if self._selection is None:
             self._selection = self._select()
         return self._selection
 
     def _select(self) -> tuple[Any, Any, Any]:
+        # The mask built is that of the dropped values, for keep's Where; see there.
         b, flat = self.b, self.flat
         is_nan = b.op("IsNaN", flat)
         nan_count = b.op("ReduceSum", b.op("Cast", is_nan, to=_INT64), self.axes, keepdims=1)
-        nothing = b.op("Expand", b.const(torch.tensor(False)), self.flat_shape)
+        everything = b.op("Expand", b.const(torch.tensor(True)), self.flat_shape)
         if self.k == 0:
-            return nothing, None, nan_count
+            return everything, None, nan_count
         # TopK's key: NaN as +inf (TopK has no order for NaN); the order among NaNs and +infs is
         # restored below.
         key = b.op("Where", is_nan, _scalar(b, math.inf, self.compute), flat)
@@ -246,11 +268,11 @@ class _Sample:
             count = b.op("Reshape", self.n, self.axes)  # every value, sorted
         values, indices = b.op("TopK", key, count, axis=1, largest=1, sorted=1, outputs=2)
         if self.ks is None:
-            kept_ranks = b.op("Expand", b.const(torch.tensor(True)), b.op("Shape", indices))
+            dropped_ranks = b.op("Expand", b.const(torch.tensor(False)), b.op("Shape", indices))
         else:
             ranks = b.op("Range", _scalar(b, 0, _INT64), self.n, _scalar(b, 1, _INT64))
-            kept_ranks = b.op("Less", b.op("Unsqueeze", ranks, _int64s(b, 0)), self.k_column)
-        mask = b.op("ScatterElements", nothing, indices, kept_ranks, axis=1)
+            dropped_ranks = b.op("LessOrEqual", self.k_column, b.op("Unsqueeze", ranks, _int64s(b, 0)))
+        dropped = b.op("ScatterElements", everything, indices, dropped_ranks, axis=1)
         # ash_ext ranks NaN above +inf, each group in index order: the first k NaNs are kept, then
         # the first k - (NaN count) +infs. TopK's order is already right for every other value.
         is_inf = b.op("IsInf", flat, detect_negative=0, detect_positive=1)
@@ -258,13 +280,15 @@ class _Sample:
         infs_before = b.op("CumSum", b.op("Cast", is_inf, to=_INT64), self.axis, exclusive=1)
         keep_nan = b.op("And", is_nan, b.op("Less", nans_before, self.k_column))
         keep_inf = b.op("And", is_inf, b.op("Less", infs_before, b.op("Sub", self.k_column, nan_count)))
-        # (onnxruntime has no boolean Where: keep_nan and keep_inf lie inside the NaN/+inf group.)
-        outside = b.op("Not", b.op("Or", is_nan, is_inf))
-        mask = b.op("Or", b.op("And", outside, mask), b.op("Or", keep_nan, keep_inf))
-        return mask, values, nan_count
+        # In the group the kept ones are a subset, so Xor gives the dropped ones (onnxruntime has
+        # no boolean Where).
+        group = b.op("Or", is_nan, is_inf)
+        dropped_in_group = b.op("Xor", group, b.op("Or", keep_nan, keep_inf))
+        dropped = b.op("Or", b.op("And", b.op("Not", group), dropped), dropped_in_group)
+        return dropped, values, nan_count
 
-    def kept_sum(self, mask: Any) -> Any:
-        return self.sum(self.b.op("Where", mask, self.flat, self.zero))
+    def kept_sum(self) -> Any:
+        return self.sum(self.keep(self.flat))
 
     def finish(self, values: Any) -> Any:
         """``values`` [B, n] back in the input's type and shape."""
@@ -300,9 +324,8 @@ def _shape_graph(
         )
     s = _Sample(b, x, code, k, k_per_sample, clamp_min, clamp_max)
     flat = s.flat
-    mask, _, _ = s.selection()
     if variant == _ASH_P:
-        result = b.op("Where", mask, flat, s.zero)
+        result = s.keep(flat)
     elif variant == _ASH_B:
         # k == 0 keeps nothing, so the fill s1 / max(k, 1) is never seen there.
         if s.ks is None:
@@ -310,12 +333,12 @@ def _shape_graph(
         else:
             divisor = b.op("Cast", b.op("Max", s.ks, _scalar(b, 1, _INT64)), to=s.compute)
         fill = b.op("Unsqueeze", b.op("Div", s.sum(flat), divisor), s.axes)
-        result = b.op("Where", mask, fill, s.zero)
+        result = s.keep(fill)
     else:
-        factor = _scale_factor(b, s, s.sum(flat), s.kept_sum(mask))
+        factor = _scale_factor(b, s, s.sum(flat), s.kept_sum())
         result = b.op("Mul", flat, b.op("Unsqueeze", factor, s.axes))
         if variant == _ASH_S:
-            result = b.op("Where", mask, result, s.zero)
+            result = s.keep(result)
     if s.invalid is not None:
         result = b.op("Where", b.op("Unsqueeze", s.invalid, s.axes), s.nan, result)
     return s.finish(result)
@@ -332,9 +355,9 @@ def _stats_graph(
 ) -> tuple[Any, Any, Any]:
     """The graph of ``ash_ext::topk_stats``: (threshold in x's type, total, kept in the sum type)."""
     s = _Sample(b, x, code, k, k_per_sample, clamp_min, clamp_max)
-    mask, values, nan_count = s.selection()
+    _, values, nan_count = s.selection()
     total = s.sum(s.flat)
-    kept = s.kept_sum(mask)
+    kept = s.kept_sum()
     if values is None:  # k == 0: no k-th value
         threshold = b.op("Expand", s.nan, s.batch)
     else:
