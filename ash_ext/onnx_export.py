@@ -27,7 +27,7 @@ Exp, Range. Per sample of ``n`` values (the row-major flattening of all dimensio
   (a NaN stays NaN; a bound is rounded to a 16-bit input's dtype as torch rounds it).
 * Selection: ``TopK`` (largest, sorted) over the sample with NaN mapped to +inf, ``K = k`` for
   one k and ``K = n`` with a rank test ``rank < k[b]`` for per-sample ks, then a ``ScatterElements``
-  of the kept ranks into a boolean mask. ONNX's TopK breaks ties by the lower index (the spec's
+  of the ranks into a boolean mask. ONNX's TopK breaks ties by the lower index (the spec's
   rule, which onnxruntime's CPU kernel follows), and that is ash_ext's tie rule: among values
   equal to the k-th largest, the ones with the smallest logical index are kept, exactly k per
   sample. -0.0 and +0.0 compare equal, so they tie, as in ash_ext. NaN ranks above +inf in
@@ -37,8 +37,10 @@ Exp, Range. Per sample of ``n`` values (the row-major flattening of all dimensio
   16-bit inputs are widened to float32 (exactly) for the whole graph and the result is rounded
   back once, as ash_ext rounds it. ASH-B's fill is ``s1 / max(k, 1)``; ASH-S's and SCALE's
   factor is ``exp(s1 / s2)`` with ash_ext's zero-s2 rule (0 where s1 < 0, else 1); values that
-  are not kept are +0.0; a per-sample k outside [0, n] (an invalid fraction in a per-sample
-  percentile tensor, which eager CPU calls reject) gives a NaN sample, as on CUDA.
+  are not kept are +0.0, a kept -0.0 stays -0.0 (the graph is written around onnxruntime's CPU
+  Where, which turns a -0.0 from its first value input into +0.0); a per-sample k outside
+  [0, n] (an invalid fraction in a per-sample percentile tensor, which eager CPU calls reject)
+  gives a NaN sample, as on CUDA.
 * ``topk_stats``'s threshold is the k-th largest value in ash_ext's order (NaN for k = 0, +0.0
   for a zero).
 
