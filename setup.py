@@ -110,6 +110,8 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "plot": ["matplotlib"],
+        # ONNX export (ash_ext.onnx_translation_table) and running the exported models
+        "onnx": ["onnx", "onnxscript", "onnxruntime"],
         "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff"],
     },
     entry_points={"console_scripts": ["ash-ext = ash_ext.__main__:main"]},

@@ -53,6 +53,12 @@ def shape_with(
         if use_fallback:
             return fallback.shape_(x, k, variant, None, clamp_max)
         op_k, ks = _op_k(k)
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            # Exporters get the out-of-place op and an aten copy_, which they functionalise (and
+            # torch.onnx translates); the mutable op would reach torch.onnx's dynamo exporter as
+            # auto_functionalized_v2, which it cannot translate, and the TorchScript exporter
+            # would not see x change.
+            return x.copy_(torch.ops.ash_ext.ash(x, op_k, VARIANT_CODES[variant], ks, None, clamp_max))
         torch.ops.ash_ext.ash_(x, op_k, VARIANT_CODES[variant], ks, None, clamp_max)
         return x
     if use_fallback:
