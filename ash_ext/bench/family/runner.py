@@ -1,0 +1,213 @@
+"""The family's run: every family case of a :class:`~ash_ext.bench.config.BenchConfig`, timed and checked."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from ..._ops import implementation_for
+from ..cases import DATA_KINDS, DEVIATION_DATA
+from ..config import BenchConfig, default_min_time, default_warmup
+from ..impls import IMPLEMENTATIONS as ASH_IMPLEMENTATIONS
+from ..impls import pytorch_ood_version
+from ..machine import last_level_cache_bytes, load_average, machine_info
+from ..progress import Progress
+from ..timing import Rotation, default_budget, make_rotations, summarize, time_interleaved
+from .cases import (
+    CLIP_QUANTILE,
+    METHODS,
+    PER_SAMPLE_SPREAD,
+    REFERENCES,
+    SHAPES,
+    SHAPING_METHODS,
+    FamilyCase,
+    clip_value,
+    kept_counts,
+    suite,
+)
+from .correctness import deviation
+from .references import IMPLEMENTATIONS, implementations
+
+#: What each implementation is, written into the results.
+DESCRIPTIONS: dict[str, str] = {
+    "reference": "the method's reference (see references)",
+    "fallback": "ash_ext's pure-PyTorch fallback (stable sort); not for react-fit",
+    "ash_ext": "ash_ext's function of the method (the compiled kernel where there is one)",
+    "ash_ext_scalar_p": "per-sample only: ash_ext.ash_s with one float percentile, on the same inputs",
+    "roofline": "x.clone() (one read + one write) for scale, react-ash, per-sample; "
+    "x.sum(dim=1) (one read) for lts, topk-stats, react-fit",
+}
+
+
+def case_weight(case: FamilyCase) -> float:
+    """The expected cost of a family case (for the progress display): per value plus a fixed cost."""
+    per_value = {"react-fit": 1.5e-7, "per-sample": 3e-7}.get(case.method, 2e-7)
+    return 0.15 + per_value * case.numel
+
+
+def family_cases(config: BenchConfig, methods: Sequence[str] = METHODS) -> list[FamilyCase]:
+    """The family's cases of ``config``: its ``methods`` (when set) that are in ``methods``."""
+    chosen = [m for m in (getattr(config, "methods", None) or methods) if m in METHODS and m in methods]
+    return suite(
+        config.resolved_device(),
+        methods=chosen,
+        quick=config.quick,
+        shapes=config.shapes,
+        batches=config.batches,
+        dtypes=config.dtypes,
+        percentiles=config.percentiles,
+    )
+
+
+def impl_names(impls: Sequence[str]) -> list[str]:
+    """The family's implementations for an ASH ``--impls`` list: all of them for the default list;
+    otherwise ``clone`` stands for the roofline and ``pytorch-ood`` for the reference, and ash_ext is
+    always timed."""
+    if list(impls) == list(ASH_IMPLEMENTATIONS):
+        return list(IMPLEMENTATIONS)
+    alias = {"clone": "roofline", "pytorch-ood": "reference"}
+    chosen = {alias.get(name, name) for name in impls} | {"ash_ext"}
+    return [name for name in IMPLEMENTATIONS if name in chosen]
+
+
+def run(config: BenchConfig, methods: Sequence[str] = METHODS) -> dict[str, Any]:
+    """Run the family's cases of ``config`` (its ``methods`` that are in :data:`METHODS`) and return
+    ``{"meta": {...}, "results": [...]}``, shaped like :func:`ash_ext.bench.runner.run`'s.
+
+    ``config.impls`` filters the implementations when it is not the default list: ``clone`` stands
+    for the roofline and ``pytorch-ood`` for the reference; ash_ext is always timed.
+    """
+    device = config.resolved_device()
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    cases = family_cases(config, methods)
+    min_time = config.min_time if config.min_time is not None else default_min_time(device, config.quick)
+    warmup = config.warmup if config.warmup is not None else default_warmup(device)
+    cache = config.cache_bytes or last_level_cache_bytes(device)
+    budget = config.memory_budget_bytes or default_budget(device)
+    names = impl_names(config.impls)
+    ood = pytorch_ood_version()
+    meta: dict[str, Any] = {
+        "tool": "ash_ext bench --methods family",
+        "suite": "family",
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "machine": machine_info(device),
+        "config": {**asdict(config), "device": str(device), "min_time": min_time, "warmup": warmup},
+        "methods": sorted({c.method for c in cases}, key=METHODS.index),
+        "references": dict(REFERENCES),
+        "reference_source": "pytorch-ood " + ood
+        if ood
+        else "pytorch-ood not importable: its algorithms copied in torch (ash_ext.bench.family.references)",
+        "implementations": dict(DESCRIPTIONS),
+        "timed": names,
+        "timing": f"as ash_ext bench: time.perf_counter (CUDA events on a GPU) around each call; {warmup} warm-up "
+        "call(s); implementations interleaved round-robin; each call on the next of >= max(2, ceil(2 * cache / "
+        f"bytes)) distinct inputs (cache {cache} B, memory budget {budget} B per rotation)",
+        "clip": f"react-ash clips at the {CLIP_QUANTILE} quantile of the data kind: "
+        + ", ".join(f"{kind} {clip_value(kind):.4f}" for kind in DATA_KINDS),
+        "per_sample_percentiles": f"a [B] float64 tensor spread evenly over p - {PER_SAMPLE_SPREAD} .. "
+        f"p + {PER_SAMPLE_SPREAD}",
+        "data": {name: DATA_KINDS[spec.data] for name, spec in SHAPES.items()},
+        "deviation_data": DEVIATION_DATA
+        + "; react-ash's deviation clips 0.25 above the largest k-th value; react-fit's uses the plain data",
+        "interrupted": False,
+        "load_average_start": load_average(),
+    }
+    results: list[dict[str, Any]] = []
+    progress = Progress([case_weight(c) for c in cases], config.progress)
+    started = time.perf_counter()
+    groups: dict[tuple[str, int, str], list[FamilyCase]] = {}
+    for case in cases:
+        groups.setdefault((case.shape, case.batch, case.dtype), []).append(case)
+    try:
+        with torch.no_grad():
+            for group in groups.values():
+                shared, _ = make_rotations(
+                    group[0], device, seed=config.seed, cache_bytes=cache, memory_budget_bytes=budget, inplace=False
+                )
+                for case in group:
+                    progress.update(case.id)
+                    results.append(_run_case(case, names, shared, device, config, min_time, warmup))
+                    progress.advance()
+                del shared
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+    finally:
+        progress.close()
+    # Timed grouped by input (one rotation per shape, batch and dtype); reported in the suite's order.
+    order = {case.id: i for i, case in enumerate(cases)}
+    results.sort(key=lambda row: order[row["case"]])
+    meta["wall_s"] = time.perf_counter() - started
+    meta["load_average_end"] = load_average()
+    meta["machine"]["torch_threads"] = torch.get_num_threads()
+    return {"meta": meta, "results": results}
+
+
+def _run_case(
+    case: FamilyCase,
+    names: list[str],
+    shared: Rotation,
+    device: torch.device,
+    config: BenchConfig,
+    min_time: float,
+    warmup: int,
+) -> dict[str, Any]:
+    """One family case: its implementations timed interleaved, the summaries, ratios and the deviation."""
+    impls = implementations(case, device, names)
+    samples = time_interleaved(
+        impls,
+        shared,
+        None,
+        device,
+        min_time=min_time,
+        min_reps=config.min_reps,
+        slow_min_reps=config.slow_min_reps,
+        slow_call_s=config.slow_call_s,
+        max_reps=config.max_reps,
+        warmup=warmup,
+    )
+    timings = {name: summarize(s) for name, s in samples.items()}
+    med = {name: t["median_ms"] for name, t in timings.items()}
+    ks = kept_counts(case)
+    row: dict[str, Any] = {
+        "case": case.id,
+        "method": case.method,
+        "shape": case.shape,
+        "model": case.spec.model,
+        "size": list(case.size),
+        "batch": case.batch,
+        "dtype": case.dtype,
+        "percentile": case.percentile,
+        "n": case.n,
+        "values": case.numel,
+        "k_min": int(ks.min()) if case.method != "react-fit" else None,
+        "k_max": int(ks.max()) if case.method != "react-fit" else None,
+        "clip": clip_value(case.spec.data) if case.method == "react-ash" else None,
+        "reference": REFERENCES[case.method],
+        "bytes": case.nbytes,
+        "rotation_inputs": len(shared),
+        "ash_ext_implementation": implementation_for(shared.inputs[0]),
+        "timings": timings,
+    }
+
+    def ratio(a: str, b: str) -> float | None:
+        return med[a] / med[b] if a in med and b in med and med[b] > 0 else None
+
+    row["speedup_vs_reference"] = ratio("reference", "ash_ext")
+    row["speedup_vs_fallback"] = ratio("fallback", "ash_ext")
+    row["per_sample_overhead"] = ratio("ash_ext", "ash_ext_scalar_p")
+    row["roofline"] = "clone" if case.method in SHAPING_METHODS else "sum"
+    pct = ratio("roofline", "ash_ext")
+    row["pct_of_roofline"] = 100 * pct if pct is not None else None
+    x_dev = shared.inputs[0] if case.method == "react-fit" else None
+    row.update(deviation(case, device, config.seed, x=x_dev))
+    return row
