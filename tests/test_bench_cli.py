@@ -15,7 +15,8 @@ import torch
 
 import ash_ext
 from ash_ext.__main__ import main
-from ash_ext.bench import cases, correctness, family, impls, report, timing
+from ash_ext._semantics import check_variant
+from ash_ext.bench import cases, cli, correctness, family, impls, report, timing
 from ash_ext.bench.config import BenchConfig
 from ash_ext.bench.family import report as family_report
 from ash_ext.bench.machine import machine_info
@@ -147,7 +148,9 @@ def test_cpu_isa_option_runs_that_build_and_says_so(tmp_path: Path, capsys: pyte
         (["--dtypes", "float8"], "unknown dtype"),
         (["--percentiles", "65"], "did you mean 0.65"),
         (["--percentiles", "x"], "not a number"),
-        (["--variants", "ash-q"], "unknown variant"),
+        (["--variants", "ash-q"], "--variants: variant must be one of ash-p, ash-b, ash-s, all"),
+        (["--variants", "scale"], "--variants: variant must be one of ash-p, ash-b, ash-s, all"),  # a family method
+        (["--variants", ","], "--variants: no variant given"),
         (["--impls", "numpy"], "unknown implementation"),
         (["--device", "tpu"], "--device"),
         (["--min-reps", "0"], "at least 1"),
@@ -195,6 +198,43 @@ def test_inplace_rotation_is_refilled_before_it_wraps_around() -> None:
     first = own.take()
     assert torch.equal(first, shared.inputs[0])
     assert not bool((shared.buffer == -1.0).any())
+
+
+@pytest.mark.parametrize("spelling", ["ash-s", "ASH-S", "ash_s", "Ash_S"])
+def test_variant_spellings_are_the_apis(spelling: str) -> None:
+    parser = cli.build_parser()
+    config = cli.parse_config(parser, parser.parse_args(["--device", "cpu", "--variants", spelling]))
+    assert config.variants == ["ash-s"]
+    assert check_variant(spelling) == "ash-s"  # the API takes the same spelling
+    assert [c.variant for c in cases.suite("cpu", quick=True, shapes=["vit-b16-cls"], variants=[spelling])] == [
+        "ash-s",
+        "ash-s",
+    ]
+
+
+@pytest.mark.parametrize("spelling", ["s", "ash-x", "p", "ashs"])
+def test_variants_the_api_rejects_are_rejected(
+    spelling: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match="variant must be one of"):
+        check_variant(spelling)  # the API's rule: no bare shorthand
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--variants", spelling, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    valid = "ash-p, ash-b, ash-s, all (any case, '_' or '-')"
+    assert f"--variants: variant must be one of {valid}, got {spelling!r}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="variant must be one of ash-p, ash-b, ash-s, all"):
+        BenchConfig(device="cpu", variants=[spelling])
+
+
+def test_variants_all_and_groups_expand() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["--device", "cpu", "--variants", "ash-b,ALL", "--methods", "Family", "ash"])
+    config = cli.parse_config(parser, args)
+    assert config.variants == ["ash-b", "ash-p", "ash-s"]
+    assert config.methods == ["ash", *family.METHODS]
+    assert BenchConfig(variants=["all"], methods=["React_Fit"]).variants == list(cases.VARIANTS)
+    assert BenchConfig(methods=["React_Fit"]).methods == ["react-fit"]
 
 
 def test_deviation_names_a_reference_that_gives_nan() -> None:
@@ -280,7 +320,7 @@ def test_methods_select_and_expand() -> None:
     assert family.expand_methods(["family"]) == list(family.METHODS)
     assert family.expand_methods(["all"]) == ["ash", *family.METHODS]
     assert family.expand_methods(["LTS", "react_fit", "ash"]) == ["ash", "lts", "react-fit"]
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="method must be one of ash, scale, .*, family, all"):
         family.expand_methods(["odin"])
     # --impls: clone stands for the roofline and pytorch-ood for the reference; ash_ext is always timed
     assert family.impl_names(["pytorch-ood", "clone"]) == ["reference", "ash_ext", "roofline"]
@@ -295,7 +335,7 @@ def test_methods_select_and_expand() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--methods", "odin"], "unknown method"),
+        (["--methods", "odin"], "--methods: method must be one of ash, scale, react-ash, lts, topk-stats"),
         (["--methods", "family", "--shapes", "resnet34"], "unknown shape"),
         (["--shapes", "resnet18-pooled"], "unknown shape"),  # ASH's shapes only without family methods
     ],

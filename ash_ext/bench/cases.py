@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._semantics import kept_count
+from .._semantics import canonical_name, kept_count
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,8 @@ QUICK_BATCHES: dict[str, dict[str, tuple[int, ...]]] = {
 
 #: The ASH variants, in pytorch-ood's spelling (the canonical one: see :func:`ash_ext._semantics.name_key`).
 VARIANTS: tuple[str, ...] = ("ash-p", "ash-b", "ash-s")
+#: The name that stands for all of :data:`VARIANTS`.
+ALL = "all"
 DEFAULT_PERCENTILES: tuple[float, ...] = (0.65, 0.9)
 QUICK_PERCENTILES: tuple[float, ...] = (0.65,)
 
@@ -153,6 +155,22 @@ class Case:
         return f"{self.shape}-B{self.batch}-{self.dtype}-p{self.percentile:g}-{self.variant}"
 
 
+def canonical_variants(names: Sequence[str]) -> list[str]:
+    """``names`` in their canonical spelling, ``all`` expanded to :data:`VARIANTS`, each once, in order.
+
+    The spelling rule is the API's (:func:`ash_ext._semantics.canonical_name`): pytorch-ood's names
+    ``ash-p``, ``ash-b`` and ``ash-s``, with case, surrounding spaces and ``_`` for ``-`` ignored.
+    Raises ``ValueError`` listing the valid names for anything else (``s`` or ``scale`` included).
+    """
+    chosen: list[str] = []
+    for name in names:
+        key = canonical_name("variant", name, (*VARIANTS, ALL))
+        for variant in VARIANTS if key == ALL else (key,):
+            if variant not in chosen:
+                chosen.append(variant)
+    return chosen
+
+
 def device_kind(device: torch.device | str) -> str:
     """``"cuda"`` for CUDA devices, ``"cpu"`` for everything else (the key of the batch tables)."""
     return "cuda" if torch.device(device).type == "cuda" else "cpu"
@@ -204,6 +222,7 @@ def suite(
     :data:`DEFAULT_BATCHES` (or :data:`QUICK_BATCHES`) for the device's kind; float32 and the
     device's half types (float32 only when ``quick``); percentiles 0.65 and 0.9 (0.65 when
     ``quick``); all three variants. Ordered by shape, batch, dtype, percentile, variant.
+    ``variants`` go through :func:`canonical_variants` (a ``ValueError`` for an unknown one).
     """
     kind = device_kind(device)
     shape_names = list(shapes) if shapes is not None else list(SHAPES)
@@ -212,7 +231,7 @@ def suite(
         dtypes = ["float32"] if quick else supported_dtypes(device)
     if percentiles is None:
         percentiles = QUICK_PERCENTILES if quick else DEFAULT_PERCENTILES
-    variant_names = list(variants) if variants is not None else list(VARIANTS)
+    variant_names = canonical_variants(variants) if variants is not None else list(VARIANTS)
     cases = []
     for shape in shape_names:
         for batch in batches if batches is not None else table[shape]:

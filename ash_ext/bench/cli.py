@@ -11,10 +11,9 @@ from typing import Any
 import torch
 
 from .._ops import extension_loaded
-from .._semantics import VARIANT_CODES
 from ..cpu_dispatch import set_cpu_isa
 from . import family
-from .cases import DTYPE_ALIASES, DTYPES, SHAPES, VARIANTS, Case, best_device, supported_dtypes
+from .cases import DTYPE_ALIASES, DTYPES, SHAPES, VARIANTS, Case, best_device, canonical_variants, supported_dtypes
 from .config import BenchConfig
 from .files import write_csv, write_json
 from .impls import IMPLEMENTATIONS, pytorch_ood_version
@@ -62,7 +61,12 @@ def build_parser(prog: str = "ash-ext bench") -> argparse.ArgumentParser:
         "--shapes", nargs="+", metavar="NAME", help=f"shapes (comma or space separated): {', '.join(SHAPES)}; or all"
     )
     parser.add_argument("--batches", nargs="+", metavar="B", help="batch sizes (default: per shape and device)")
-    parser.add_argument("--variants", nargs="+", metavar="V", help=f"{', '.join(VARIANTS)}; or all")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="V",
+        help=f"{', '.join(VARIANTS)} (any case, '_' for '-', as in the API); or all (default: all)",
+    )
     parser.add_argument(
         "--dtypes",
         nargs="+",
@@ -78,7 +82,7 @@ def build_parser(prog: str = "ash-ext bench") -> argparse.ArgumentParser:
         nargs="+",
         metavar="M",
         help="what to compare with its reference: ash (the ASH variants; the default), scale, react-ash, lts, "
-        "topk-stats, per-sample, react-fit; family (all but ash) or all",
+        "topk-stats, per-sample, react-fit (any case, '_' for '-'); family (all but ash) or all",
     )
     parser.add_argument("--quick", action="store_true", help="the short suite (under a minute on a 2-core CPU)")
     parser.add_argument(
@@ -137,7 +141,7 @@ def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> B
         try:
             methods = family.expand_methods(_split(args.methods) or [])
         except ValueError as error:
-            parser.error(str(error))
+            parser.error(f"--methods: {error}")
         if not methods:
             parser.error("--methods: no method given")
     known_shapes = list(SHAPES)
@@ -159,13 +163,12 @@ def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> B
             batches.append(int(text))
     variants = _split(args.variants)
     if variants is not None:
-        if variants == ["all"]:
-            variants = list(VARIANTS)
-        variants = [v.lower().replace("_", "-") for v in variants]
-        variants = [v if v.startswith("ash-") else f"ash-{v}" for v in variants]
-        unknown = [v for v in variants if v not in VARIANT_CODES]
-        if unknown:
-            parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        try:
+            variants = canonical_variants(variants)
+        except ValueError as error:
+            parser.error(f"--variants: {error}")
+        if not variants:
+            parser.error("--variants: no variant given")
     dtypes = _split(args.dtypes)
     if dtypes is not None:
         dtypes = [DTYPE_ALIASES.get(d.lower(), d.lower()) for d in dtypes]

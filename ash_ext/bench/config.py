@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cases import SHAPES, Case, best_device, suite
+from .cases import SHAPES, Case, best_device, canonical_variants, suite
 from .impls import IMPLEMENTATIONS
 
 
@@ -28,7 +28,9 @@ class BenchConfig:
     :param methods: ``"ash"`` (the ASH variants, :func:`~ash_ext.bench.runner.run`'s cases) and/or the
         family's methods (:data:`ash_ext.bench.family.cases.METHODS`, run by
         :func:`ash_ext.bench.family.runner.run`); ``None``: ``["ash"]``. Without ``"ash"`` :meth:`cases`
-        is empty.
+        is empty. ``variants`` and ``methods`` are spelled as the API spells names (see
+        :func:`~ash_ext.bench.cases.canonical_variants`, :func:`~ash_ext.bench.family.cases.expand_methods`);
+        they are stored canonical, with ``all`` and the method groups expanded.
     """
 
     device: str | None = None
@@ -51,6 +53,15 @@ class BenchConfig:
     memory_budget_bytes: int | None = None
     progress: bool = True
     methods: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        """Put ``variants`` and ``methods`` in their canonical spelling (a ``ValueError`` for unknown names)."""
+        from .family.cases import expand_methods  # the family's runner imports this module
+
+        if self.variants is not None:
+            self.variants = canonical_variants(self.variants)
+        if self.methods is not None:
+            self.methods = expand_methods(self.methods)
 
     def resolved_device(self) -> torch.device:
         """The device to run on."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..._semantics import kept_count
+from ..._semantics import canonical_name, kept_count
 from .. import cases as ash_cases
 from ..cases import DTYPES, ShapeSpec
 
@@ -129,18 +129,14 @@ class FamilyCase:
 def expand_methods(names: Sequence[str]) -> list[str]:
     """``names`` with the groups ``family`` and ``all`` expanded, in :data:`METHODS` order (``ash`` first).
 
-    Raises ``ValueError`` naming any unknown method.
+    Names follow the API's spelling rule (:func:`ash_ext._semantics.canonical_name`: case,
+    surrounding spaces and ``_`` for ``-`` ignored, so ``LTS`` and ``react_fit`` are ``lts`` and
+    ``react-fit``). Raises ``ValueError`` listing the valid names for an unknown one.
     """
     wanted: set[str] = set()
     for name in names:
-        key = name.strip().lower().replace("_", "-")
-        if key in METHOD_GROUPS:
-            wanted.update(METHOD_GROUPS[key])
-        elif key == "ash" or key in METHODS:
-            wanted.add(key)
-        else:
-            choices = ", ".join(("ash", *METHODS, *METHOD_GROUPS))
-            raise ValueError(f"unknown method(s) {name!r}; choose from {choices}")
+        key = canonical_name("method", name, ("ash", *METHODS, *METHOD_GROUPS))
+        wanted.update(METHOD_GROUPS.get(key, (key,)))
     return [m for m in ("ash", *METHODS) if m in wanted]
 
 
