@@ -37,6 +37,8 @@ TINY = [
     "--no-progress",
     "--min-time",
     "0.002",
+    "--wait-quiet",
+    "0",
 ]
 
 
@@ -155,6 +157,7 @@ def test_cpu_isa_option_runs_that_build_and_says_so(tmp_path: Path, capsys: pyte
         (["--device", "tpu"], "--device"),
         (["--min-reps", "0"], "at least 1"),
         (["--min-time", "-1"], "positive"),
+        (["--wait-quiet", "-1"], "--wait-quiet must be 0 or more"),
         (["--no-such-option"], "unrecognized arguments"),
         (["--cpu-isa", "sse9"], "unknown CPU ISA"),
     ],
@@ -263,6 +266,8 @@ FAMILY_TINY = [
     "--no-progress",
     "--min-time",
     "0.002",
+    "--wait-quiet",
+    "0",
 ]
 
 

@@ -15,6 +15,7 @@ from ..cpu_dispatch import set_cpu_isa
 from . import family
 from .cases import DTYPE_ALIASES, DTYPES, SHAPES, VARIANTS, Case, best_device, canonical_variants, supported_dtypes
 from .config import BenchConfig
+from .contention import DEFAULT_WAIT_S
 from .files import write_csv, write_json
 from .impls import IMPLEMENTATIONS, pytorch_ood_version
 from .machine import cpu_model
@@ -106,6 +107,14 @@ def build_parser(prog: str = "ash-ext bench") -> argparse.ArgumentParser:
         "--max-reps", type=int, default=200, help="most timed calls per implementation and case (default: 200)"
     )
     parser.add_argument("--cache-mb", type=float, help="last-level cache size in MiB (default: read from the machine)")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=DEFAULT_WAIT_S,
+        metavar="S",
+        help="before timing, wait up to S seconds while other processes keep the CPUs busy, measured from "
+        f"/proc/stat (default: {DEFAULT_WAIT_S:g}; 0: don't wait)",
+    )
     parser.add_argument(
         "--cpu-isa",
         help="the CPU kernel's ISA build: auto, avx512, avx2 or baseline (default: ASH_EXT_CPU_ISA, else the best)",
@@ -206,6 +215,8 @@ def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> B
         parser.error("--min-time must be positive")
     if args.cache_mb is not None and not args.cache_mb > 0:
         parser.error("--cache-mb must be positive")
+    if not args.wait_quiet >= 0:
+        parser.error("--wait-quiet must be 0 or more")
     return BenchConfig(
         device=str(device),
         shapes=shapes,
@@ -224,6 +235,7 @@ def parse_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> B
         cache_bytes=int(args.cache_mb * 2**20) if args.cache_mb else None,
         progress=not args.no_progress,
         methods=methods,
+        wait_quiet_s=args.wait_quiet,
     )
 
 

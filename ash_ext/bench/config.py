@@ -25,6 +25,9 @@ class BenchConfig:
         at least twice this many bytes
     :param memory_budget_bytes: cap on the bytes of each rotation (``None``: 1/8 of the device's memory,
         at most 2 GiB); there are always at least 2 inputs
+    :param wait_quiet_s: before timing, wait up to this many seconds while other processes keep the
+        CPUs busy (:func:`~ash_ext.bench.contention.wait_for_quiet`); 0: don't wait (the command
+        line's default is 20). Either way the run records how much CPU they used while it timed.
     :param methods: ``"ash"`` (the ASH variants, :func:`~ash_ext.bench.runner.run`'s cases) and/or the
         family's methods (:data:`ash_ext.bench.family.cases.METHODS`, run by
         :func:`ash_ext.bench.family.runner.run`); ``None``: ``["ash"]``. Without ``"ash"`` :meth:`cases`
@@ -53,6 +56,7 @@ class BenchConfig:
     memory_budget_bytes: int | None = None
     progress: bool = True
     methods: list[str] | None = None
+    wait_quiet_s: float = 0.0
 
     def __post_init__(self) -> None:
         """Put ``variants`` and ``methods`` in their canonical spelling (a ``ValueError`` for unknown names)."""

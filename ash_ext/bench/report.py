@@ -7,6 +7,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from .contention import Contention, describe
 from .correctness import dev_too_large
 
 TABLE_COLUMNS: tuple[str, ...] = (
@@ -177,18 +178,59 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     noisy = [r for r in results if _noisy(r, ("ash_ext", "clone"))]
     if noisy:
         lines.append(
-            f"{len(noisy)} case(s) have a spread (IQR) over half the median for ash_ext or the clone: "
-            "perhaps other processes were using the device"
+            f"{len(noisy)} case(s) have a spread (IQR) over half the median for ash_ext or the clone"
+            + noise_cause(meta)
         )
-    load = meta.get("load_average_start")
-    cpus = m.get("cpus_usable") or m.get("cpu_count") or 1
-    if m["device"].startswith("cpu") and load and load[0] > max(1.0, 0.5 * cpus):
-        lines.append(
-            f"the 1-minute load average was {load[0]:.1f} on {cpus} CPUs as the run started: other processes "
-            "were probably competing for the CPU (multi-threaded ops then stall), so the times are noisy"
-        )
+    lines += contention_lines(meta)
     if meta.get("interrupted"):
         lines.append("interrupted: the results are partial")
+    return lines
+
+
+def noise_cause(meta: dict[str, Any]) -> str:
+    """The end of the line about noisy cases: what the measured CPU contention says about it."""
+    c = meta.get("cpu_contention")
+    if not c:
+        return ": perhaps other processes were using the device"
+    if Contention.from_dict(c).busy:
+        return ": other processes were using the CPUs (next line)"
+    device = meta.get("machine", {}).get("device", "cpu")
+    where = "the CPUs" if device.startswith("cpu") else "the CPUs (the GPU's other users are not measured)"
+    return (
+        f", though other processes used only {c['other_cpus']:.2f} of {where} on average meanwhile: "
+        "short calls vary with caches, clocks and the scheduler"
+    )
+
+
+def contention_lines(meta: dict[str, Any]) -> list[str]:
+    """What competed for the CPUs: other processes' measured CPU use while the cases were timed
+    (:mod:`ash_ext.bench.contention`) when busy, and any wait before timing. Where it could not be
+    measured (no ``/proc``), a high load average at the start, said to be only that."""
+    lines = []
+    c = meta.get("cpu_contention")
+    m = meta.get("machine", {})
+    if c:
+        measured = Contention.from_dict(c)
+        if measured.busy:
+            lines.append(
+                f"while the cases were timed, {describe(measured)} on average (/proc/stat less this process's own "
+                "CPU time): they competed with the timed calls (multi-threaded ops then stall), so the times are noisy"
+            )
+    else:
+        load = meta.get("load_average_start")
+        cpus = m.get("cpus_usable") or m.get("cpu_count") or 1
+        if str(m.get("device", "")).startswith("cpu") and load and load[0] > max(1.0, 0.5 * cpus):
+            lines.append(
+                f"the 1-minute load average was {load[0]:.1f} on {cpus} CPUs as the run started; it also counts "
+                "processes that have ended (a build just before, say), and what ran during the timing could not "
+                "be measured here (no /proc/stat), so the times may be noisy"
+            )
+    wait = meta.get("quiet_wait")
+    if wait and wait["waited_s"] >= 1:
+        outcome = "they had" if wait["quiet"] else "they had not, by the bound"
+        lines.append(
+            f"the run waited {wait['waited_s']:.0f} s before timing for other processes to leave the CPUs ({outcome})"
+        )
     return lines
 
 

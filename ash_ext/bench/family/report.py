@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from ..files import CSV_MACHINE_FIELDS, CSV_TIMING_FIELDS, machine_columns, write_rows
-from ..report import fmt_ms, geomean, render_table, some
+from ..report import contention_lines, fmt_ms, geomean, noise_cause, render_table, some
 from .cases import REFERENCE_LABELS
 from .references import IMPLEMENTATIONS
 
@@ -151,17 +151,10 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     noisy = [r for r in results if _noisy(r)]
     if noisy:
         lines.append(
-            f"{len(noisy)} case(s) have a spread (IQR) over half the median for ash_ext or the roofline: "
-            "perhaps other processes were using the device"
+            f"{len(noisy)} case(s) have a spread (IQR) over half the median for ash_ext or the roofline"
+            + noise_cause(meta)
         )
-    cpus = m.get("cpus_usable") or m.get("cpu_count") or 1
-    for key, when in (("load_average_start", "started"), ("load_average_end", "ended")):
-        load = meta.get(key)
-        if m["device"].startswith("cpu") and load and load[0] > max(1.0, 0.5 * cpus):
-            lines.append(
-                f"the 1-minute load average was {load[0]:.1f} on {cpus} CPUs as the run {when}: other processes "
-                "were probably competing for the CPU, so the times are noisy"
-            )
+    lines += contention_lines(meta)
     if meta.get("interrupted"):
         lines.append("interrupted: the results are partial")
     return lines

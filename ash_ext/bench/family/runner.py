@@ -14,6 +14,7 @@ import torch
 from ..._ops import implementation_for
 from ..cases import DATA_KINDS, DEVIATION_DATA
 from ..config import BenchConfig, default_min_time, default_warmup
+from ..contention import contention, read_cpu, wait_for_quiet
 from ..impls import IMPLEMENTATIONS as ASH_IMPLEMENTATIONS
 from ..impls import pytorch_ood_version
 from ..machine import last_level_cache_bytes, load_average, machine_info
@@ -122,6 +123,9 @@ def run(config: BenchConfig, methods: Sequence[str] = METHODS) -> dict[str, Any]
         "interrupted": False,
         "load_average_start": load_average(),
     }
+    if config.wait_quiet_s > 0:
+        meta["quiet_wait"] = wait_for_quiet(config.wait_quiet_s, log=lambda line: print(line, file=sys.stderr))
+    cpu_start = read_cpu()
     results: list[dict[str, Any]] = []
     progress = Progress([case_weight(c) for c in cases], config.progress)
     started = time.perf_counter()
@@ -147,6 +151,8 @@ def run(config: BenchConfig, methods: Sequence[str] = METHODS) -> dict[str, Any]
     order = {case.id: i for i, case in enumerate(cases)}
     results.sort(key=lambda row: order[row["case"]])
     meta["wall_s"] = time.perf_counter() - started
+    cpu_end = read_cpu()
+    meta["cpu_contention"] = contention(cpu_start, cpu_end).as_dict() if cpu_start and cpu_end else None
     meta["load_average_end"] = load_average()
     meta["machine"]["torch_threads"] = torch.get_num_threads()
     return {"meta": meta, "results": results}
