@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,11 @@ import torch
 import ash_ext
 from ash_ext.__main__ import main
 from ash_ext._semantics import check_variant
-from ash_ext.bench import cases, cli, correctness, family, impls, report, timing
+from ash_ext.bench import cases, cli, correctness, estimate, family, impls, report, runner, timing
 from ash_ext.bench.config import BenchConfig
+from ash_ext.bench.estimate import TimingPlan
 from ash_ext.bench.family import report as family_report
 from ash_ext.bench.machine import machine_info
-from ash_ext.bench.runner import run
 
 TINY = [
     "--device",
@@ -44,7 +45,11 @@ TINY = [
 
 def test_tiny_run_writes_json_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--shapes", "resnet50-pooled", *TINY, "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    # the forecast comes first, the wall time beside it at the end
+    assert re.search(r"ash_ext bench: 1 cases on cpu \(.*threads\): about \d+ s\n", captured.err)
+    assert re.search(r"1 cases in \d+ s \(forecast \d+ s\)", out)
     for column in report.TABLE_COLUMNS:
         assert column in out
     assert "resnet50-pooled" in out
@@ -102,7 +107,7 @@ def test_library_run_half_dtype_on_feature_maps() -> None:
         min_time=0.002,
         progress=False,
     )
-    data = run(config)
+    data = runner.run(config)
     (row,) = data["results"]
     assert set(row["timings"]) == {"reference", "ash_ext", "clone"}
     assert row["mask_mismatch"] == 0
@@ -111,6 +116,36 @@ def test_library_run_half_dtype_on_feature_maps() -> None:
     assert "float32" in row["deviation_baseline"]
     table = report.format_table(data["results"], markdown=True)
     assert table.splitlines()[0].startswith("| shape")
+
+
+def test_default_suite_has_the_readme_headline_shapes() -> None:
+    # the CPU targets of the README's performance section: [64, 2048, 7, 7] and [256, 2048] (and the
+    # CPU ISA suite's [8, 2048, 7, 7]), every variant at p = 0.65 and 0.9, in float32
+    suite = cases.suite("cpu")
+    for size in ([64, 2048, 7, 7], [256, 2048], [8, 2048, 7, 7]):
+        chosen = {(c.variant, c.percentile) for c in suite if list(c.size) == size and c.dtype == "float32"}
+        assert chosen == {(v, p) for v in cases.VARIANTS for p in (0.65, 0.9)}, size
+    assert BenchConfig(device="cpu", methods=["all"]).cases() == suite  # what make bench runs
+
+
+def test_the_forecast_follows_the_timing_loop() -> None:
+    plan = TimingPlan(min_time=0.02, warmup=1, min_reps=5, slow_min_reps=3, slow_call_s=0.004, max_reps=200, threads=2)
+    fast = 1e-4 - estimate.CALL_OVERHEAD_S
+    assert plan.timed_seconds(fast) == pytest.approx((1 + 200) * 1e-4)  # min_time / 1e-4 = 200 calls
+    assert plan.timed_seconds(0.1 - estimate.CALL_OVERHEAD_S) == pytest.approx(4 * 0.1)  # warm-up + 3 slow reps
+    default = BenchConfig(device="cpu", methods=["all"])
+    quick = BenchConfig(device="cpu", methods=["all"], quick=True)
+    assert 0 < runner.estimated_seconds(quick) < runner.estimated_seconds(default)
+    assert 0 < family.estimated_seconds(quick) < family.estimated_seconds(default)
+    longer = BenchConfig(device="cpu", methods=["all"], min_time=0.2)
+    assert runner.estimated_seconds(longer) > runner.estimated_seconds(default)
+    assert [estimate.format_duration(s) for s in (0.2, 44.6, 60, 131, 7322)] == [
+        "1 s",
+        "45 s",
+        "1 min",
+        "2 min 10 s",
+        "2 h 02 min",
+    ]
 
 
 def test_suites_cover_the_issue() -> None:

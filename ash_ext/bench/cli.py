@@ -16,12 +16,13 @@ from . import family
 from .cases import DTYPE_ALIASES, DTYPES, SHAPES, VARIANTS, Case, best_device, canonical_variants, supported_dtypes
 from .config import BenchConfig
 from .contention import DEFAULT_WAIT_S
+from .estimate import format_duration
 from .files import write_csv, write_json
 from .impls import IMPLEMENTATIONS, pytorch_ood_version
 from .machine import cpu_model
 from .plot import matplotlib_available, write_plot
 from .report import format_table, summary_lines
-from .runner import run
+from .runner import estimated_seconds, run
 
 
 def _split(values: Sequence[str] | None) -> list[str] | None:
@@ -47,8 +48,11 @@ def build_parser(prog: str = "ash-ext bench") -> argparse.ArgumentParser:
             f"  {prog} --device cpu --threads 1 --impls reference ash_ext clone --markdown\n"
             f"  {prog} --methods family --markdown --out family-out\n"
             "\nThe quick suite is float32, p=0.65, all variants, two batch sizes per shape. On a CPU the default\n"
-            "suite stops the feature maps at smaller batches than on a GPU (1..256) to stay within minutes; pick\n"
-            "any with --batches. Results: OUT/results.json (every sample, the machine and versions),\n"
+            "suite runs batch 1 and one or two larger batches per shape, among them the README's targets\n"
+            "[64, 2048, 7, 7] and [256, 2048] (the largest maps in float32 only), every variant at p=0.65 and\n"
+            "0.9; a GPU runs 1..256 everywhere. Pick any with --batches. The forecast is printed before timing\n"
+            "starts; the timing waits (--wait-quiet) while other processes keep the CPUs busy, as measured from\n"
+            "/proc/stat. Results: OUT/results.json (every sample, the machine and versions),\n"
             "OUT/results.csv (one row per case) and OUT/speedup.png (needs matplotlib).\n"
             "\n--methods family compares SCALE, ReAct+ASH (clip=), LTS, topk_stats, per-sample percentiles and\n"
             "ReAct's fit with their references (pytorch-ood 0.4.0's functions, torch.topk, a torch.sort-based\n"
@@ -85,7 +89,7 @@ def build_parser(prog: str = "ash-ext bench") -> argparse.ArgumentParser:
         help="what to compare with its reference: ash (the ASH variants; the default), scale, react-ash, lts, "
         "topk-stats, per-sample, react-fit (any case, '_' for '-'); family (all but ash) or all",
     )
-    parser.add_argument("--quick", action="store_true", help="the short suite (under a minute on a 2-core CPU)")
+    parser.add_argument("--quick", action="store_true", help="the short suite (seconds on a 2-core CPU)")
     parser.add_argument(
         "--out", default="bench-out", help="directory for results.json, results.csv, speedup.png (default: bench-out)"
     )
@@ -267,12 +271,25 @@ def main(argv: Sequence[str] | None = None, prog: str = "ash-ext bench") -> int:
         else f" ({cpu_model()}, {torch.get_num_threads() if not config.threads else config.threads} threads)"
     )
     argv_list = list(argv) if argv is not None else sys.argv[1:]
+    forecast = {
+        "ash": estimated_seconds(config) if cases else 0.0,
+        "family": family.estimated_seconds(config) if family_cases else 0.0,
+    }
+    if cases and family_cases:
+        print(
+            f"ash_ext bench: about {format_duration(sum(forecast.values()))} in all: {len(cases)} ASH cases "
+            f"(~{format_duration(forecast['ash'])}), then {len(family_cases)} family cases "
+            f"(~{format_duration(forecast['family'])})",
+            file=sys.stderr,
+        )
     interrupted = False
     if cases:
-        interrupted = _main_ash(args, config, cases, device, where, argv_list)
+        ash_where = where + f": about {format_duration(forecast['ash'])}"
+        interrupted = _main_ash(args, config, cases, device, ash_where, argv_list)
     if family_cases and not interrupted:
         if cases:
             print()
+        where += f": about {format_duration(forecast['family'])}"
         interrupted = _main_family(args, config, family_cases, device, where, argv_list, prefix="family-" * bool(cases))
     return 130 if interrupted else 0
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cases import SHAPES, Case, best_device, canonical_variants, suite
+from .estimate import TimingPlan
 from .impls import IMPLEMENTATIONS
 
 
@@ -70,6 +71,18 @@ class BenchConfig:
     def resolved_device(self) -> torch.device:
         """The device to run on."""
         return torch.device(self.device) if self.device else best_device()
+
+    def timing_plan(self, device: torch.device) -> TimingPlan:
+        """The timing loop's parameters on ``device``, defaults resolved."""
+        return TimingPlan(
+            min_time=self.min_time if self.min_time is not None else default_min_time(device, self.quick),
+            warmup=self.warmup if self.warmup is not None else default_warmup(device),
+            min_reps=self.min_reps,
+            slow_min_reps=self.slow_min_reps,
+            slow_call_s=self.slow_call_s,
+            max_reps=self.max_reps,
+            threads=self.threads or torch.get_num_threads(),
+        )
 
     def cases(self) -> list[Case]:
         """The ASH cases this configuration runs (none when ``methods`` leaves out ``"ash"``)."""

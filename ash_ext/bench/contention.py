@@ -178,8 +178,8 @@ def wait_for_quiet(
             return {"waited_s": waited, "quiet": True, "last": c.as_dict()}
         if after.wall >= deadline - 1e-3:
             log(
-                f"bench: still busy after {waited:.0f} s ({describe(c)}); timing anyway: "
-                "the summary says how much they used while the cases were timed"
+                f"bench: still busy after {waited:.0f} s ({describe(c)}); timing anyway, slower than the "
+                "forecast (which is for idle CPUs) and noisier: the summary says how much they used meanwhile"
             )
             return {"waited_s": waited, "quiet": False, "last": c.as_dict()}
         if not announced:

@@ -1,4 +1,4 @@
-"""The progress display on stderr, and the weights of the cases it is measured in."""
+"""The progress display on stderr, counted in the cases' expected seconds (:mod:`ash_ext.bench.estimate`)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,6 @@ import shutil
 import sys
 import time
 from typing import TextIO
-
-import torch
-
-from .cases import DTYPES, Case
 
 
 class Progress:
@@ -73,9 +69,3 @@ class Progress:
         if self.enabled and self.tty:
             self.stream.write("\r" + " " * self.columns + "\r")
             self.stream.flush()
-
-
-def case_weight(case: Case, device: torch.device) -> float:
-    """The expected cost of an ASH case: ~ the slow reference and fallback (per value) plus a fixed cost."""
-    per_value = 2e-7 if device.type == "cpu" else 2e-9
-    return 0.15 + per_value * case.numel * max(1, DTYPES[case.dtype].itemsize // 2)

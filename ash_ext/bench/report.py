@@ -122,7 +122,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             f"device {m['device']} ({m['device_name']}), torch {m['torch']} ({m['torch_threads']} threads), "
             f"ash_ext {m['ash_ext']} (CPU kernel: {m.get('ash_ext_cpu_isa', 'unknown')}), "
             f"pytorch-ood {m['pytorch_ood'] or 'not installed'}; "
-            f"{len(results)} cases in {meta.get('wall_s', 0):.0f} s"
+            f"{len(results)} cases in {meta.get('wall_s', 0):.0f} s" + forecast_note(meta)
         )
     ]
     paths = sorted({r["ash_ext_implementation"] for r in results})
@@ -185,6 +185,12 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
     if meta.get("interrupted"):
         lines.append("interrupted: the results are partial")
     return lines
+
+
+def forecast_note(meta: dict[str, Any]) -> str:
+    """`` (forecast 95 s)``: the estimate printed before the run, to set beside its wall time."""
+    estimated = meta.get("estimated_s")
+    return f" (forecast {estimated:.0f} s)" if estimated is not None else ""
 
 
 def noise_cause(meta: dict[str, Any]) -> str:

@@ -14,12 +14,13 @@ from torch import Tensor
 
 from .._ops import implementation_for
 from .cases import DATA_KINDS, DEVIATION_DATA, DTYPES, SHAPES, Case
-from .config import BenchConfig, default_min_time, default_warmup
+from .config import BenchConfig
 from .contention import contention, read_cpu, wait_for_quiet
 from .correctness import deviation, deviation_input
+from .estimate import case_weights
 from .impls import DESCRIPTIONS, implementations, pytorch_ood_version
 from .machine import last_level_cache_bytes, load_average, machine_info
-from .progress import Progress, case_weight
+from .progress import Progress
 from .timing import Rotation, default_budget, draw, rotation_copies, seed_for, summarize, time_interleaved
 
 
@@ -37,11 +38,12 @@ def run(config: BenchConfig) -> dict[str, Any]:
     if config.threads:
         torch.set_num_threads(config.threads)
     cases = config.cases()
-    min_time = config.min_time if config.min_time is not None else default_min_time(device, config.quick)
-    warmup = config.warmup if config.warmup is not None else default_warmup(device)
+    plan = config.timing_plan(device)
+    min_time, warmup = plan.min_time, plan.warmup
     cache = config.cache_bytes or last_level_cache_bytes(device)
     budget = config.memory_budget_bytes or default_budget(device)
-    impl_names = [name for name in config.impls if name != "pytorch-ood" or pytorch_ood_version() is not None]
+    impl_names = _impl_names(config)
+    weights = case_weights(cases, device, impl_names, plan, cache, budget)
 
     meta: dict[str, Any] = {
         "tool": "ash_ext bench",
@@ -64,13 +66,14 @@ def run(config: BenchConfig) -> dict[str, Any]:
         "deviation_data": DEVIATION_DATA,
         "gbps": "2 * tensor bytes / median time (one read and one write of the tensor)",
         "interrupted": False,
+        "estimated_s": round(sum(weights), 1),
         "load_average_start": load_average(),
     }
     if config.wait_quiet_s > 0:
         meta["quiet_wait"] = wait_for_quiet(config.wait_quiet_s, log=lambda line: print(line, file=sys.stderr))
     cpu_start = read_cpu()
     results: list[dict[str, Any]] = []
-    progress = Progress([case_weight(c, device) for c in cases], config.progress)
+    progress = Progress(weights, config.progress)
     started = time.perf_counter()
     groups: dict[tuple[str, int], list[Case]] = {}
     for case in cases:
@@ -91,6 +94,20 @@ def run(config: BenchConfig) -> dict[str, Any]:
     meta["load_average_end"] = load_average()
     meta["machine"]["torch_threads"] = torch.get_num_threads()
     return {"meta": meta, "results": results}
+
+
+def _impl_names(config: BenchConfig) -> list[str]:
+    return [name for name in config.impls if name != "pytorch-ood" or pytorch_ood_version() is not None]
+
+
+def estimated_seconds(config: BenchConfig) -> float:
+    """The forecast of :func:`run`'s wall time for ``config`` (see :mod:`ash_ext.bench.estimate`),
+    not counting a wait for quiet CPUs."""
+    device = config.resolved_device()
+    cache = config.cache_bytes or last_level_cache_bytes(device)
+    budget = config.memory_budget_bytes or default_budget(device)
+    plan = config.timing_plan(device)
+    return sum(case_weights(config.cases(), device, _impl_names(config), plan, cache, budget))
 
 
 def _run_group(
@@ -131,9 +148,10 @@ def _run_group(
             if case.percentile not in deviation_inputs:
                 deviation_inputs = {case.percentile: deviation_input(case, device, config.seed)}
             x_dev = deviation_inputs[case.percentile]
-            results.append(
-                _run_case(case, impl_names, shared, inplace, x_dev, device, config, min_time, warmup, copies)
-            )
+            case_started = time.perf_counter()
+            row = _run_case(case, impl_names, shared, inplace, x_dev, device, config, min_time, warmup, copies)
+            row["case_s"] = round(time.perf_counter() - case_started, 4)
+            results.append(row)
             progress.advance()
         del shared, inplace, buffer, deviation_inputs
     del base

@@ -75,7 +75,7 @@ from .references import (
     topk_stats_reference,
 )
 from .report import TABLE_COLUMNS, csv_rows, format_table, summary_lines, table_rows, write_csv
-from .runner import family_cases, impl_names, run
+from .runner import estimated_seconds, family_cases, impl_names, run
 
 __all__ = [
     "CLIP_QUANTILE",
@@ -98,6 +98,7 @@ __all__ = [
     "deviation",
     "deviation_clip",
     "deviation_input",
+    "estimated_seconds",
     "expand_methods",
     "family_cases",
     "format_table",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from ..files import CSV_MACHINE_FIELDS, CSV_TIMING_FIELDS, machine_columns, write_rows
-from ..report import contention_lines, fmt_ms, geomean, noise_cause, render_table, some
+from ..report import contention_lines, fmt_ms, forecast_note, geomean, noise_cause, render_table, some
 from .cases import REFERENCE_LABELS
 from .references import IMPLEMENTATIONS
 
@@ -108,7 +108,7 @@ def summary_lines(data: dict[str, Any]) -> list[str]:
             f"device {m['device']} ({m['device_name']}), torch {m['torch']} ({m['torch_threads']} threads), "
             f"ash_ext {m['ash_ext']} (CPU kernel: {m.get('ash_ext_cpu_isa', 'unknown')}), "
             f"references from {meta.get('reference_source')}; "
-            f"{len(results)} family cases in {meta.get('wall_s', 0):.0f} s"
+            f"{len(results)} family cases in {meta.get('wall_s', 0):.0f} s" + forecast_note(meta)
         )
     ]
     paths = sorted({r["ash_ext_implementation"] for r in results})

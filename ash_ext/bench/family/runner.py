@@ -12,14 +12,15 @@ from typing import Any
 import torch
 
 from ..._ops import implementation_for
-from ..cases import DATA_KINDS, DEVIATION_DATA
-from ..config import BenchConfig, default_min_time, default_warmup
+from ..cases import DATA_KINDS, DEVIATION_DATA, DTYPES
+from ..config import BenchConfig
 from ..contention import contention, read_cpu, wait_for_quiet
+from ..estimate import CASE_OVERHEAD_S, group_seconds, parallel_scale
 from ..impls import IMPLEMENTATIONS as ASH_IMPLEMENTATIONS
 from ..impls import pytorch_ood_version
 from ..machine import last_level_cache_bytes, load_average, machine_info
 from ..progress import Progress
-from ..timing import Rotation, default_budget, make_rotations, summarize, time_interleaved
+from ..timing import Rotation, default_budget, make_rotations, rotation_copies, summarize, time_interleaved
 from .cases import (
     CLIP_QUANTILE,
     METHODS,
@@ -46,10 +47,66 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def case_weight(case: FamilyCase) -> float:
-    """The expected cost of a family case (for the progress display): per value plus a fixed cost."""
-    per_value = {"react-fit": 1.5e-7, "per-sample": 3e-7}.get(case.method, 2e-7)
-    return 0.15 + per_value * case.numel
+def call_seconds(impl: str, case: FamilyCase, device: torch.device, threads: int) -> float:
+    """Seconds of one call of ``impl`` (see :data:`IMPLEMENTATIONS`) on ``case``: the family's cost
+    model, measured like :func:`ash_ext.bench.estimate.call_seconds`'s."""
+    n = case.numel
+    item = DTYPES[case.dtype].itemsize
+    if device.type == "cuda":
+        return {"reference": 150e-6, "fallback": 250e-6, "roofline": 8e-6}.get(impl, 20e-6) + 8 * n * item / 2e12
+    scale = parallel_scale(case.batch, threads)
+    dtype_factor = 1.3 if item == 8 else 1.0
+    if case.method == "react-fit":  # np.percentile (one thread) and two selections over all values
+        per_value = {"reference": 16.5e-9, "ash_ext": 12e-9}.get(impl, 0.25e-9)
+        return 50e-6 + n * per_value * dtype_factor
+    if impl == "reference":
+        kept = case.percentile if case.method == "lts" else 1.0 - case.percentile
+        per_value = 45e-9 if case.method == "per-sample" else (4.0 + 38.0 * kept) * 1e-9
+        return 40e-6 + n * per_value * scale * (0.6 if item == 2 else dtype_factor)
+    if impl == "fallback":
+        return 100e-6 + n * 48e-9 * scale * (0.9 if item == 2 else dtype_factor)
+    if impl in ("ash_ext", "ash_ext_scalar_p"):
+        return 20e-6 + n * 3e-9 * scale * (2.0 if item == 2 else dtype_factor)
+    return 2e-6 + n * item * 0.075e-9  # the roofline: a clone or a sum
+
+
+def _timed(case: FamilyCase, names: Sequence[str]) -> list[str]:
+    """The implementations that are timed for ``case`` among ``names``."""
+    return [
+        name
+        for name in names
+        if (name != "fallback" or case.method != "react-fit")
+        and (name != "ash_ext_scalar_p" or case.method == "per-sample")
+    ]
+
+
+def case_weights(cases: Sequence[FamilyCase], device: torch.device, config: BenchConfig) -> list[float]:
+    """The expected seconds of each family case in run order: its timed calls, the deviation check,
+    and on the first case of each shape, batch and dtype the draw of its rotation."""
+    plan = config.timing_plan(device)
+    cache = config.cache_bytes or last_level_cache_bytes(device)
+    budget = config.memory_budget_bytes or default_budget(device)
+    names = impl_names(config.impls)
+    weights = []
+    seen: set[tuple[str, int, str]] = set()
+    for case in cases:
+
+        def call(impl: str, c: FamilyCase = case) -> float:
+            return call_seconds(impl, c, device, plan.threads)
+
+        w = CASE_OVERHEAD_S + sum(plan.timed_seconds(call(name)) for name in _timed(case, names))
+        w += call("reference") * (1 if case.method == "react-fit" else 2) + call("ash_ext") + case.numel * 3e-9
+        if (case.shape, case.batch, case.dtype) not in seen:
+            seen.add((case.shape, case.batch, case.dtype))
+            w += group_seconds(case.numel, 1, rotation_copies(case.nbytes, cache, budget))
+        weights.append(w)
+    return weights
+
+
+def estimated_seconds(config: BenchConfig, methods: Sequence[str] = METHODS) -> float:
+    """The forecast of :func:`run`'s wall time for ``config``, not counting a wait for quiet CPUs."""
+    device = config.resolved_device()
+    return sum(case_weights(family_cases(config, methods), device, config))
 
 
 def family_cases(config: BenchConfig, methods: Sequence[str] = METHODS) -> list[FamilyCase]:
@@ -90,8 +147,9 @@ def run(config: BenchConfig, methods: Sequence[str] = METHODS) -> dict[str, Any]
     if config.threads:
         torch.set_num_threads(config.threads)
     cases = family_cases(config, methods)
-    min_time = config.min_time if config.min_time is not None else default_min_time(device, config.quick)
-    warmup = config.warmup if config.warmup is not None else default_warmup(device)
+    plan = config.timing_plan(device)
+    min_time, warmup = plan.min_time, plan.warmup
+    weights = case_weights(cases, device, config)
     cache = config.cache_bytes or last_level_cache_bytes(device)
     budget = config.memory_budget_bytes or default_budget(device)
     names = impl_names(config.impls)
@@ -121,13 +179,14 @@ def run(config: BenchConfig, methods: Sequence[str] = METHODS) -> dict[str, Any]
         "deviation_data": DEVIATION_DATA
         + "; react-ash's deviation clips 0.25 above the largest k-th value; react-fit's uses the plain data",
         "interrupted": False,
+        "estimated_s": round(sum(weights), 1),
         "load_average_start": load_average(),
     }
     if config.wait_quiet_s > 0:
         meta["quiet_wait"] = wait_for_quiet(config.wait_quiet_s, log=lambda line: print(line, file=sys.stderr))
     cpu_start = read_cpu()
     results: list[dict[str, Any]] = []
-    progress = Progress([case_weight(c) for c in cases], config.progress)
+    progress = Progress(weights, config.progress)
     started = time.perf_counter()
     groups: dict[tuple[str, int, str], list[FamilyCase]] = {}
     for case in cases:
@@ -140,7 +199,10 @@ def run(config: BenchConfig, methods: Sequence[str] = METHODS) -> dict[str, Any]
                 )
                 for case in group:
                     progress.update(case.id)
-                    results.append(_run_case(case, names, shared, device, config, min_time, warmup))
+                    case_started = time.perf_counter()
+                    row = _run_case(case, names, shared, device, config, min_time, warmup)
+                    row["case_s"] = round(time.perf_counter() - case_started, 4)
+                    results.append(row)
                     progress.advance()
                 del shared
     except KeyboardInterrupt:
