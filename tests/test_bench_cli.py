@@ -346,7 +346,10 @@ def test_family_tiny_run_writes_json_and_csv(tmp_path: Path, capsys: pytest.Capt
 def test_methods_all_writes_the_ash_and_the_family_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = [*FAMILY_TINY, "--variants", "ash-s", "--no-plot", "--out", str(tmp_path)]
     assert main(["bench", "--methods", "all", *args]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    forecast = r"the timing will take about \d+ s: 1 ASH cases \(~\d+ s\), then 6 family cases \(~\d+ s\)"
+    assert re.search(forecast, captured.err.splitlines()[0]), captured.err
     assert "ash-s" in out and "pytorch-ood scale" in out
     ash_rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [r["case"] for r in ash_rows] == ["resnet50-pooled-B2-float32-p0.65-ash-s"]

@@ -277,8 +277,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "ash-ext bench") -> int:
     }
     if cases and family_cases:
         print(
-            f"ash_ext bench: about {format_duration(sum(forecast.values()))} in all: {len(cases)} ASH cases "
-            f"(~{format_duration(forecast['ash'])}), then {len(family_cases)} family cases "
+            f"ash_ext bench: the timing will take about {format_duration(sum(forecast.values()))}: "
+            f"{len(cases)} ASH cases (~{format_duration(forecast['ash'])}), then {len(family_cases)} family cases "
             f"(~{format_duration(forecast['family'])})",
             file=sys.stderr,
         )

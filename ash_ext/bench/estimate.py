@@ -1,12 +1,12 @@
 """How long a run will take: a cost model of each timed call, the timing loop's repetitions, and the
 work around them (input draws, the deviation check), in seconds.
 
-The per-value costs were measured on this project's machines (2-core x86-64 VMs, torch's 2
-threads, idle) and scale with the threads that can work on a case (``min(threads, batch)``: the
-reference's ``topk`` and the fallback's sort split the batch). On a GPU every call is a few
-launches. They are estimates for the progress display and the forecast printed before a run
-starts; the run's own wall time, next to the forecast in the summary, is the truth.
-"""
+The per-value costs were measured on this project's machine (a 2-core AMD EPYC VM, AVX2, torch's
+2 threads, idle: ``--methods all``'s own results) and scale with the threads that can work on a
+case (``min(threads, batch)``: the reference's ``topk`` and the fallback's sort split the batch).
+On a GPU every call is a few launches. They are estimates for the progress display and the
+forecast printed before a run starts; the run's own wall time, next to the forecast in the
+summary, is the truth (other machines, and busy CPUs, differ)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ from .timing import rotation_copies
 CALL_OVERHEAD_S = 3e-6
 #: Seconds of bookkeeping per case (the functions, the summaries, the row).
 CASE_OVERHEAD_S = 2e-3
-#: Seconds per float32 value drawn for a rotation (randn, relu or abs), and per value cast to a dtype.
-DRAW_S_PER_VALUE = 3e-9
-CAST_S_PER_VALUE = 1e-9
+#: Seconds per float32 value drawn for a rotation (randn, relu or abs: one thread), per value cast to
+#: a dtype (with the in-place reference's buffer and its first refill), and per input view made.
+DRAW_S_PER_VALUE = 10e-9
+CAST_S_PER_VALUE = 4e-9
+VIEW_S = 3e-6
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,14 @@ def call_seconds(impl: str, case: Case, device: torch.device, threads: int) -> f
     half = item == 2
     if impl in ("reference", "pytorch-ood"):
         # a sorted topk of the kept fraction, then zero_ and scatter_ (pytorch-ood's own a little slower)
-        per_value = (4.0 + 38.0 * (1.0 - case.percentile)) * 1e-9 * (1.2 if half else 1.3 if item == 8 else 1.0)
+        per_value = (5.2 + 49.4 * (1.0 - case.percentile)) * 1e-9 * (1.2 if half else 1.3 if item == 8 else 1.0)
         extra = 1.03 if impl == "pytorch-ood" else 1.0
         return extra * (30e-6 + n * per_value * scale)
     if impl == "fallback":  # a stable sort of every sample
-        return 80e-6 + n * 31e-9 * (1.15 if half else 1.3 if item == 8 else 1.0) * scale
+        return 80e-6 + n * 47e-9 * (1.15 if half else 1.3 if item == 8 else 1.0) * scale
     if impl == "ash_ext":
-        return 10e-6 + n * 0.35e-9 * (1.7 if half else 2.0 if item == 8 else 1.0) * scale
-    return 2e-6 + n * item * 0.04e-9  # clone: one read and one write
+        return 10e-6 + n * 0.7e-9 * (1.7 if half else 2.0 if item == 8 else 1.0) * scale
+    return 2e-6 + n * item * 0.09e-9  # clone: one read and one write
 
 
 def case_seconds(case: Case, device: torch.device, impls: Sequence[str], plan: TimingPlan) -> float:
@@ -96,9 +98,11 @@ def case_seconds(case: Case, device: torch.device, impls: Sequence[str], plan: T
     return total
 
 
-def group_seconds(numel: int, dtypes: int, copies: int) -> float:
-    """Seconds to draw one rotation of ``copies`` inputs of ``numel`` values and cast it to ``dtypes`` dtypes."""
-    return numel * copies * (DRAW_S_PER_VALUE + dtypes * CAST_S_PER_VALUE)
+def group_seconds(numel: int, dtypes: int, copies: int, rotations: int = 2) -> float:
+    """Seconds to draw ``copies`` inputs of ``numel`` values and cast them to ``dtypes`` dtypes, each
+    dtype with ``rotations`` rotations of ``copies`` views."""
+    views = max(1, dtypes) * rotations * copies * VIEW_S
+    return numel * copies * (DRAW_S_PER_VALUE + dtypes * CAST_S_PER_VALUE) + views
 
 
 def case_weights(

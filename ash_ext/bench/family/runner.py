@@ -57,7 +57,7 @@ def call_seconds(impl: str, case: FamilyCase, device: torch.device, threads: int
     scale = parallel_scale(case.batch, threads)
     dtype_factor = 1.3 if item == 8 else 1.0
     if case.method == "react-fit":  # np.percentile (one thread) and two selections over all values
-        per_value = {"reference": 16.5e-9, "ash_ext": 12e-9}.get(impl, 0.25e-9)
+        per_value = {"reference": 16.5e-9, "ash_ext": 2e-9}.get(impl, 0.25e-9)
         return 50e-6 + n * per_value * dtype_factor
     if impl == "reference":
         kept = case.percentile if case.method == "lts" else 1.0 - case.percentile
@@ -66,7 +66,8 @@ def call_seconds(impl: str, case: FamilyCase, device: torch.device, threads: int
     if impl == "fallback":
         return 100e-6 + n * 48e-9 * scale * (0.9 if item == 2 else dtype_factor)
     if impl in ("ash_ext", "ash_ext_scalar_p"):
-        return 20e-6 + n * 3e-9 * scale * (2.0 if item == 2 else dtype_factor)
+        per_value = 1.5e-9 if case.method == "per-sample" else 0.8e-9
+        return 20e-6 + n * per_value * scale * (2.0 if item == 2 else dtype_factor)
     return 2e-6 + n * item * 0.075e-9  # the roofline: a clone or a sum
 
 
@@ -98,7 +99,7 @@ def case_weights(cases: Sequence[FamilyCase], device: torch.device, config: Benc
         w += call("reference") * (1 if case.method == "react-fit" else 2) + call("ash_ext") + case.numel * 3e-9
         if (case.shape, case.batch, case.dtype) not in seen:
             seen.add((case.shape, case.batch, case.dtype))
-            w += group_seconds(case.numel, 1, rotation_copies(case.nbytes, cache, budget))
+            w += group_seconds(case.numel, 0, rotation_copies(case.nbytes, cache, budget), rotations=1)
         weights.append(w)
     return weights
 
