@@ -201,9 +201,9 @@ def noise_cause(meta: dict[str, Any]) -> str:
     if Contention.from_dict(c).busy:
         return ": other processes were using the CPUs (next line)"
     device = meta.get("machine", {}).get("device", "cpu")
-    where = "the CPUs" if device.startswith("cpu") else "the CPUs (the GPU's other users are not measured)"
+    gpu = "" if device.startswith("cpu") else " (the GPU's other users are not measured)"
     return (
-        f", though other processes used only {c['other_cpus']:.2f} of {where} on average meanwhile: "
+        f", though other processes kept only {c['other_cpus']:.2f} CPUs busy on average meanwhile{gpu}: "
         "short calls vary with caches, clocks and the scheduler"
     )
 
