@@ -28,7 +28,8 @@ Use it as a library with :func:`run` and :class:`BenchConfig`, or from the comma
   and :func:`pytest_cases` (shared with the pytest-benchmark suite in ``benchmarks/``);
 * :mod:`.impls` -- the timed functions; :mod:`.correctness` -- ash_ext's deviation from the reference;
 * :mod:`.timing` -- input data, rotations, the timer, round-robin interleaving, summaries;
-* :mod:`.machine` -- machine facts; :mod:`.progress` -- the progress display;
+* :mod:`.machine` -- machine facts; :mod:`.contention` -- other processes' CPU use, measured, and the
+  wait before timing; :mod:`.estimate` -- the forecast; :mod:`.progress` -- the progress display;
 * :mod:`.config` -- :class:`BenchConfig`; :mod:`.runner` -- :func:`run`;
 * :mod:`.report` -- the table and summary lines; :mod:`.files` -- JSON and CSV; :mod:`.plot` -- the plot;
 * :mod:`.cli` -- the command line (:func:`build_parser`, :func:`main`);
@@ -51,6 +52,7 @@ from .cases import (
     Case,
     ShapeSpec,
     best_device,
+    canonical_variants,
     device_kind,
     pytest_cases,
     suite,
@@ -64,7 +66,7 @@ from .impls import IMPLEMENTATIONS, Implementation, implementations, pytorch_ood
 from .machine import last_level_cache_bytes, machine_info
 from .plot import write_plot
 from .report import TABLE_COLUMNS, format_table, render_table, summary_lines, table_rows
-from .runner import run
+from .runner import estimated_seconds, run
 from .timing import Rotation, make_rotations, summarize, time_interleaved
 
 __all__ = [
@@ -88,11 +90,13 @@ __all__ = [
     "ShapeSpec",
     "best_device",
     "build_parser",
+    "canonical_variants",
     "csv_rows",
     "deviation",
     "deviation_input",
     "deviation_tolerance",
     "device_kind",
+    "estimated_seconds",
     "format_table",
     "implementations",
     "last_level_cache_bytes",

@@ -100,14 +100,6 @@ def _cuda_driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity), else the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def machine_info(device: torch.device | str) -> dict[str, Any]:
     """The machine, device and versions, as recorded in the results."""
     from .. import __version__
