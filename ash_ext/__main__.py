@@ -44,7 +44,9 @@ def demo(argv: Sequence[str] | None = None, prog: str = "ash-ext demo") -> int:
     from torch import nn
 
     from . import ASH, implementation_for, reference
-    from .bench import BenchConfig, best_device, run
+    from .bench.cases import best_device
+    from .bench.config import BenchConfig
+    from .bench.runner import run
 
     parser = _demo_parser(prog)
     args = parser.parse_args(argv)
@@ -126,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
-        from .bench import main as bench_main
+        from .bench.cli import main as bench_main
 
         return bench_main(rest, prog=f"{prog} bench")
     if command == "demo":

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from ash_ext import bench, bench_family
+from ash_ext.bench import cases, family, impls
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -34,20 +34,20 @@ def _flag(name: str) -> bool:
 def bench_device(config: pytest.Config) -> torch.device:
     """The device of the suite: ``--ash-device``, else ``ASH_EXT_BENCH_DEVICE``, else the best available."""
     name = config.getoption("--ash-device", default=None) or os.environ.get("ASH_EXT_BENCH_DEVICE")
-    return torch.device(name) if name else bench.best_device()
+    return torch.device(name) if name else cases.best_device()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Parametrize ``ash_case`` x ``impl_name`` over the shared case list and the implementations, and
-    ``family_case`` x ``family_impl`` over :mod:`ash_ext.bench_family`'s."""
+    ``family_case`` x ``family_impl`` over :mod:`ash_ext.bench.family`'s."""
     config = metafunc.config
     all_cases = bool(config.getoption("--ash-all", default=False)) or _flag("ASH_EXT_BENCH_ALL")
     if "family_case" in metafunc.fixturenames:
-        cases = bench_family.pytest_cases(bench_device(config), all_cases=all_cases)
+        family_cases = family.pytest_cases(bench_device(config), all_cases=all_cases)
         params = [
             pytest.param(case, impl, id=f"{case.id}-{impl}")
-            for case in cases
-            for impl in bench_family.IMPLEMENTATIONS
+            for case in family_cases
+            for impl in family.IMPLEMENTATIONS
             if impl != "ash_ext_scalar_p" or case.method == "per-sample"
             if impl != "fallback" or case.method != "react-fit"
         ]
@@ -55,8 +55,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "ash_case" not in metafunc.fixturenames:
         return
     device = bench_device(config)
-    cases = bench.pytest_cases(device, all_cases=all_cases)
-    params = [pytest.param(case, impl, id=f"{case.id}-{impl}") for case in cases for impl in bench.IMPLEMENTATIONS]
+    ash_cases = cases.pytest_cases(device, all_cases=all_cases)
+    params = [pytest.param(case, impl, id=f"{case.id}-{impl}") for case in ash_cases for impl in impls.IMPLEMENTATIONS]
     metafunc.parametrize(("ash_case", "impl_name"), params)
 
 

@@ -5,13 +5,13 @@
     pytest benchmarks/ --benchmark-only --benchmark-autosave  # then later: --benchmark-compare
     pytest benchmarks/ --benchmark-only -k family             # the family (ash-ext bench --methods family)
 
-The cases come from :func:`ash_ext.bench.pytest_cases` (the same list as the command), each run
-for every implementation of :data:`ash_ext.bench.IMPLEMENTATIONS`; benchmarks are grouped by case
+The cases come from :func:`ash_ext.bench.cases.pytest_cases` (the same list as the command), each run
+for every implementation of :data:`ash_ext.bench.impls.IMPLEMENTATIONS`; benchmarks are grouped by case
 so that pytest-benchmark's table compares the implementations side by side. Inputs rotate through
 more bytes than the last-level cache, as in the command; the in-place reference gets a fresh input
 each round from the untimed setup. On a GPU each timed call ends with a synchronize. The
 ``ash_ext`` benchmark also checks its deviation from the reference and fails if it is too large.
-``test_family`` does the same for :mod:`ash_ext.bench_family`'s cases (``--quick``'s unless
+``test_family`` does the same for :mod:`ash_ext.bench.family`'s cases (``--quick``'s unless
 ``--ash-all``): SCALE, ReAct+ASH, LTS, topk_stats, per-sample percentiles and ReAct's fit, each
 against its reference.
 """
@@ -24,7 +24,7 @@ import time
 import pytest
 import torch
 
-from ash_ext import bench, bench_family
+from ash_ext.bench import cases, correctness, family, impls, timing
 
 pytest.importorskip("pytest_benchmark")
 
@@ -32,24 +32,24 @@ pytest.importorskip("pytest_benchmark")
 MIN_TIME = 0.1
 MAX_ROUNDS = 200
 
-_rotations: dict[str, tuple[bench.Rotation, bench.Rotation | None]] = {}
+_rotations: dict[str, tuple[timing.Rotation, timing.Rotation | None]] = {}
 
 
-def _rotations_for(case: bench.Case, device: torch.device) -> tuple[bench.Rotation, bench.Rotation | None]:
+def _rotations_for(case: cases.Case, device: torch.device) -> tuple[timing.Rotation, timing.Rotation | None]:
     # One case's inputs at a time: the parametrization keeps a case's implementations together.
     key = f"{case.id}@{device}"
     if key not in _rotations:
         _rotations.clear()
-        _rotations[key] = bench.make_rotations(case, device)
+        _rotations[key] = timing.make_rotations(case, device)
     return _rotations[key]
 
 
-def test_ash(benchmark, ash_case: bench.Case, impl_name: str, ash_device: torch.device) -> None:
+def test_ash(benchmark, ash_case: cases.Case, impl_name: str, ash_device: torch.device) -> None:
     """Time one implementation on one case."""
-    impls = bench.implementations(ash_case.variant, ash_case.percentile, [impl_name])
-    if impl_name not in impls:
+    chosen = impls.implementations(ash_case.variant, ash_case.percentile, [impl_name])
+    if impl_name not in chosen:
         pytest.skip("pytorch-ood is not importable")
-    impl = impls[impl_name]
+    impl = chosen[impl_name]
     shared, own = _rotations_for(ash_case, ash_device)
     rotation = own if impl.inplace and own is not None else shared
     fn = impl.fn
@@ -78,32 +78,27 @@ def test_ash(benchmark, ash_case: bench.Case, impl_name: str, ash_device: torch.
         benchmark.pedantic(target, setup=lambda: ((rotation.take(),), {}), rounds=rounds, warmup_rounds=1)
 
     if impl_name == "ash_ext":
-        dev = bench.deviation(ash_case, ash_device)
+        dev = correctness.deviation(ash_case, ash_device)
         benchmark.extra_info.update(max_rel_dev=dev["max_rel_dev"], mask_mismatch=dev["mask_mismatch"])
         assert dev["mask_mismatch"] == 0, f"ash_ext keeps other positions than the reference: {dev}"
-        assert dev["max_rel_dev"] <= bench.deviation_tolerance(ash_case.dtype), dev
+        assert dev["max_rel_dev"] <= correctness.deviation_tolerance(ash_case.dtype), dev
 
 
-_family_rotations: dict[str, bench.Rotation] = {}
+_family_rotations: dict[str, timing.Rotation] = {}
 
 
-def _family_rotation(case: bench_family.FamilyCase, device: torch.device) -> bench.Rotation:
+def _family_rotation(case: family.FamilyCase, device: torch.device) -> timing.Rotation:
+    # The rotation of the command's run (one per shape, batch and dtype), one at a time.
     key = f"{case.shape}-{case.batch}-{case.dtype}@{device}"
     if key not in _family_rotations:
         _family_rotations.clear()
-        copies = bench._rotation_copies(
-            case.nbytes, bench.last_level_cache_bytes(device), bench._default_budget(device)
-        )
-        g = torch.Generator(device=device)
-        g.manual_seed(bench._seed_for(0, "timing", case.shape, case.batch))
-        buffer = bench._draw(case.spec.data, case.numel * copies, g, device).to(bench.DTYPES[case.dtype])
-        _family_rotations[key] = bench.Rotation(buffer, case.size, copies)
+        _family_rotations[key] = timing.make_rotations(case, device, inplace=False)[0]
     return _family_rotations[key]
 
 
-def test_family(benchmark, family_case: bench_family.FamilyCase, family_impl: str, ash_device: torch.device) -> None:
-    """Time one implementation on one family case (the reference is the method's, see bench_family)."""
-    impl = bench_family.implementations(family_case, ash_device, [family_impl])[family_impl]
+def test_family(benchmark, family_case: family.FamilyCase, family_impl: str, ash_device: torch.device) -> None:
+    """Time one implementation on one family case (the reference is the method's, see ash_ext.bench.family)."""
+    impl = family.implementations(family_case, ash_device, [family_impl])[family_impl]
     rotation = _family_rotation(family_case, ash_device)
     fn = impl.fn
     cuda = ash_device.type == "cuda"
@@ -125,7 +120,7 @@ def test_family(benchmark, family_case: bench_family.FamilyCase, family_impl: st
             case=family_case.id,
             method=family_case.method,
             implementation=family_impl,
-            reference=bench_family.REFERENCES[family_case.method],
+            reference=family.REFERENCES[family_case.method],
             device=str(ash_device),
             bytes=family_case.nbytes,
             rotation_inputs=len(rotation),
@@ -134,6 +129,6 @@ def test_family(benchmark, family_case: bench_family.FamilyCase, family_impl: st
 
     if family_impl == "ash_ext":
         x = rotation.inputs[0] if family_case.method == "react-fit" else None
-        dev = bench_family.deviation(family_case, ash_device, x=x)
+        dev = family.deviation(family_case, ash_device, x=x)
         benchmark.extra_info.update(max_rel_dev=dev["max_rel_dev"], mismatch=dev["mismatch"])
         assert dev["ok"], f"ash_ext deviates from the reference: {dev}"
