@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._semantics import VARIANT_CODES
+from ._semantics import VARIANT_CODES, check_variant
 
 REGIME_CHOICES = ("auto", "cluster", "sample-per-block", "chunked")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -59,8 +59,10 @@ def make_plan(shape: Sequence[int], dtype: str, gpu: Gpu, variant: str = "ash-s"
         raise ValueError(f"--shape {','.join(map(str, shape))}: a batch and at least one sample dimension, all >= 1")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"--dtype {dtype}: expected one of {', '.join(DTYPE_BYTES)}")
-    if variant not in VARIANT_CODES:
-        raise ValueError(f"--variant {variant}: expected one of {', '.join(VARIANT_CODES)}")
+    try:
+        variant = check_variant(variant)  # the one spelling rule; the error lists the valid names
+    except ValueError as error:
+        raise ValueError(f"--variant: {error}") from None
     batch, n, element = shape[0], math.prod(shape[1:]), DTYPE_BYTES[dtype]
     plan = _C.cuda_launch_plan(batch, n, element, gpu.sm_count, gpu.shared_optin, gpu.max_cluster_blocks, regime,
                                VARIANT_CODES[variant], backward, clamped, per_sample_k, False)
@@ -151,7 +153,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "ash-ext plan") -> int:
         gpu = current_gpu() if args.gpu == "current" else GPUS.get(args.gpu.lower())
         if gpu is None:
             raise ValueError(f"--gpu {args.gpu}: expected one of {', '.join(GPUS)} or current")
-        plan = make_plan(shape, args.dtype, gpu, args.variant.lower(), args.backward, args.clamp, args.per_sample_k,
+        plan = make_plan(shape, args.dtype, gpu, args.variant, args.backward, args.clamp, args.per_sample_k,
                          args.regime)
     except ValueError as error:
         parser.error(str(error))

@@ -126,7 +126,7 @@ def test_plan_command_prints_the_headline_plan():
 
 
 def test_plan_command_json_and_errors():
-    result = run_plan("--shape", "8,2048,7,7", "--gpu", "h200", "--json", "--variant", "ASH-B")
+    result = run_plan("--shape", "8,2048,7,7", "--gpu", "h200", "--json", "--variant", "ASH_B")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["regime"] == "cluster" and data["cluster_blocks"] == 8 and data["variant"] == "ash-b"
@@ -135,7 +135,8 @@ def test_plan_command_json_and_errors():
     bad = run_plan("--shape", "64,2048", "--gpu", "v100")
     assert bad.returncode == 2 and "--gpu v100: expected one of h100, h200, a100 or current" in bad.stderr
     bad = run_plan("--shape", "64,2048", "--variant", "ash-q")
-    assert bad.returncode == 2 and "--variant ash-q" in bad.stderr
+    assert bad.returncode == 2 and "--variant: variant must be one of ash-p, ash-b, ash-s, scale" in bad.stderr
+    assert "'ash-q'" in bad.stderr
     if not torch.cuda.is_available():
         bad = run_plan("--shape", "64,2048", "--gpu", "current")
         assert bad.returncode == 2 and "no CUDA device is available" in bad.stderr
