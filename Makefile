@@ -2,6 +2,9 @@
 #   make bench   - the main job: ash_ext and the shaping family against their references (python -m ash_ext bench --methods all)
 #   make test    - lint and the test suite, with the CUDA kernels' quick emulation runs and
 #                  resource checks (EMULATION=off skips the emulation, EMULATION=full runs it all)
+#                  and the CPU build's sanitizer run (SANITIZERS=off skips it)
+#   make sanitize - the C++ CPU kernel and front end under ASan + UBSan: a build of their own in
+#                  build/sanitized, the parity/layout/in-place/edge-case tests, a LeakSanitizer check
 #   make planted-bugs - shows each check of the CUDA emulator catching a bug planted for it
 # Both create .venv, install what is needed and build the extension first.
 
@@ -16,9 +19,10 @@ CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
 BENCH_ARGS ?= --methods all
 EMULATION ?= quick
+SANITIZERS ?= on
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: setup build test lint bench planted-bugs clean
+.PHONY: setup build test lint bench planted-bugs sanitize clean
 
 # pip -qq: errors only (this machine's pip configuration warns once per package about an index
 # folder it lacks, ~50 lines that say nothing about the install).
@@ -55,7 +59,11 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: build lint
-	ASH_EXT_EMULATION=$(EMULATION) $(PY) -m pytest tests -q -p no:cacheprovider
+	ASH_EXT_EMULATION=$(EMULATION) ASH_EXT_SANITIZERS=$(SANITIZERS) $(PY) -m pytest tests -q -p no:cacheprovider
+
+# tools/sanitized_cpu.py: builds its own sanitized ash_ext._C (not the one make build makes).
+sanitize: setup
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) tools/sanitized_cpu.py
 
 planted-bugs: setup
 	$(PY) tests/emulation/planted_bugs.py
