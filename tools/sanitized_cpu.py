@@ -165,7 +165,8 @@ def run_env(runtime: str, pkg: str, library: str, log_dir: str, asan_options: st
     env = sanitizers.preloaded_env(
         "address", runtime,
         ASAN_OPTIONS=f"{asan_options}:log_path={os.path.join(log_dir, 'asan')}",
-        UBSAN_OPTIONS=f"{UBSAN_OPTIONS}:log_path={os.path.join(log_dir, 'ubsan')}",
+        # (UBSan beside ASan ignores its log_path: its reports go to stderr.)
+        UBSAN_OPTIONS=UBSAN_OPTIONS,
         PYTHONPATH=pkg,
         ASH_EXT_SANITIZED_MODULE=library,
     )
@@ -174,6 +175,12 @@ def run_env(runtime: str, pkg: str, library: str, log_dir: str, asan_options: st
     for name in ("ASH_EXT_FORCE_FALLBACK", "ASH_EXT_CPU_ISA", "ASH_EXT_CPU_SIMD"):
         env.pop(name, None)
     return env
+
+
+def first_report(stderr: str, limit: int = 12000) -> str:
+    """The sanitizer report in a run's stderr (UBSan's go there), from its first line; else ''."""
+    found = re.search(r"^.*(runtime error:|ERROR: AddressSanitizer|ERROR: LeakSanitizer)", stderr, re.MULTILINE)
+    return stderr[found.start():found.start() + limit] if found else ""
 
 
 def reports(log_dir: str) -> list:
@@ -189,8 +196,10 @@ def show_reports(found: list, limit: int = 12000) -> None:
 
 
 def run_tests(source_root: str, pkg: str, env: dict, log_dir: str, extra: list, show: bool) -> bool:
+    # --capture=sys: pytest captures Python's output only, so that a sanitizer's report written to
+    # file descriptor 2 reaches this script even when the process dies in the middle of a test.
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "sanitized_cpu_pytest",
-               "--rootdir", source_root]
+               "--capture=sys", "--rootdir", source_root]
     command += [os.path.join(source_root, path) for path in TEST_FILES]
     command += [f"--deselect={test}" for test in DESELECTED]  # node ids: relative to the rootdir
     command += extra
@@ -199,17 +208,19 @@ def run_tests(source_root: str, pkg: str, env: dict, log_dir: str, extra: list, 
     lines = result.stdout.splitlines()
     summary = next((line for line in reversed(lines) if re.search(r"\d+ (passed|failed)", line)), "no summary")
     found = reports(log_dir)
+    in_stderr = first_report(result.stderr)
     print(f"sanitized tests: {summary.strip('= ')} ({time.monotonic() - started:.0f}s)", flush=True)
     for line in lines:
         if line.startswith("sanitized ash_ext._C:"):
             print(f"  {line}")
     if show:
         print(result.stdout)
-    if result.returncode != 0 or found:
+    if result.returncode != 0 or found or in_stderr:
         print("\n".join(lines[-80:]))
-        print(result.stderr[-4000:])
+        print(in_stderr or result.stderr[-4000:])
         show_reports(found)
-        print(f"sanitized tests FAILED (pytest exit {result.returncode}, {len(found)} sanitizer report(s))")
+        count = len(found) + (1 if in_stderr else 0)
+        print(f"sanitized tests FAILED (pytest exit {result.returncode}, {count} sanitizer report(s))")
         return False
     return True
 
@@ -239,10 +250,11 @@ def run_leak_check(pkg: str, runtime: str, library: str, log_dir: str, rounds: t
         saved.write(result.stderr)
     line = next((line for line in result.stdout.splitlines() if line.startswith("leak-workload ")), None)
     found = reports(log_dir)
-    if result.returncode != 0 or line is None or found:
+    error = first_report(result.stderr.replace("ERROR: LeakSanitizer", "LeakSanitizer"))  # leaks: judged below
+    if result.returncode != 0 or line is None or found or error:
         print(f"leak check FAILED: the workload exited {result.returncode}")
         print(result.stdout[-4000:])
-        print(result.stderr[-12000:])
+        print(error or result.stderr[-12000:])
         show_reports(found)
         return False
     workload = json.loads(line[len("leak-workload "):])
