@@ -3,6 +3,8 @@
 #   make test    - lint and the test suite, with the CUDA kernels' quick emulation runs and
 #                  resource checks (EMULATION=off skips the emulation, EMULATION=full runs it all)
 #   make planted-bugs - shows each check of the CUDA emulator catching a bug planted for it
+#   make large-sizes  - the release check of sizes past 2^31 elements (CPU kernel, then the CUDA
+#                       kernels emulated at 1/500 of the sizes); too slow and too large for CI
 # Both create .venv, install what is needed and build the extension first.
 
 VENV ?= .venv
@@ -16,9 +18,14 @@ CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
 BENCH_ARGS ?= --methods all
 EMULATION ?= quick
+# pytest-xdist workers for make test (the suite is mostly one-core work: two workers keep a
+# 2-core machine busy), each with one intra-op thread unless OMP_NUM_THREADS says otherwise
+# (two processes' OpenMP teams on two cores would wait on each other's preempted threads; the
+# tests that need several threads set them)
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: setup build test lint bench planted-bugs clean
+.PHONY: setup build test lint bench planted-bugs large-sizes clean
 
 # pip -qq: errors only (this machine's pip configuration warns once per package about an index
 # folder it lacks, ~50 lines that say nothing about the install).
@@ -30,8 +37,8 @@ $(VENV)/.deps-ready:
 	$(PYTHON) -m venv $(VENV) && \
 	step "pip, setuptools, wheel" && $(PIP) --upgrade pip setuptools wheel && \
 	step "$(TORCH_SPEC) (the largest download)" && $(PIP) $(TORCH_SPEC) && \
-	step "ninja numpy scipy matplotlib pytest hypothesis pytest-benchmark ruff" && \
-	$(PIP) ninja numpy scipy typing_extensions matplotlib pytest hypothesis pytest-benchmark ruff && \
+	step "ninja numpy scipy matplotlib pytest pytest-xdist hypothesis pytest-benchmark ruff" && \
+	$(PIP) ninja numpy scipy typing_extensions matplotlib pytest pytest-xdist hypothesis pytest-benchmark ruff && \
 	step "onnx onnxscript onnxruntime (the onnx extra: export tests)" && $(PIP) onnx onnxscript onnxruntime && \
 	step "pytorch-ood 0.4.0 (--no-deps: keeps the torch above)" && $(PIP) --no-deps pytorch-ood==0.4.0 && \
 	echo "setup: done in $$(( $$(date +%s) - start )) s"
@@ -55,10 +62,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: build lint
-	ASH_EXT_EMULATION=$(EMULATION) $(PY) -m pytest tests -q -p no:cacheprovider
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ASH_EXT_EMULATION=$(EMULATION) $(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_JOBS)
 
 planted-bugs: setup
 	$(PY) tests/emulation/planted_bugs.py
+
+large-sizes: build
+	$(PY) tools/large_sizes.py
+	$(PY) tests/emulation/run_emulation.py --large 0.002
 
 bench: build
 	$(PY) -m ash_ext bench $(BENCH_ARGS)
