@@ -18,6 +18,7 @@ pure-PyTorch fallback. Exit status non-zero on any failure. tests/test_soak.py r
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import random
 import sys
@@ -33,6 +34,16 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 VARIANTS = ("ash-p", "ash-b", "ash-s", "scale")
 CODES = {name: code for code, name in enumerate(VARIANTS)}
 Call = Callable[[], object]
+
+
+def trimmed_resident_mib() -> float:
+    """resident_mib() after glibc has handed its free heap memory back (malloc_trim), so that
+    what is left is memory still allocated, not memory the allocator keeps for reuse."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the plain reading
+        pass
+    return resident_mib()
 
 
 def resident_mib() -> float:
@@ -106,7 +117,30 @@ def run_memory(calls: int, margin_mib: float, warmup: int = 500) -> list[str]:
               f"growth {growth:+.2f} MiB", flush=True)
         if growth > margin_mib:
             failures.append(f"{name}: resident memory grew {growth:.2f} MiB over {calls} calls (> {margin_mib})")
+    failures += run_long_sample(margin_mib)
     return failures
+
+
+def run_long_sample(margin_mib: float, n: int = 1 << 24) -> list[str]:
+    """One call on a sample of n float32 values (past the kernel's retained scratch, 2^22 values)
+    must not leave its buffers behind: resident memory after the tensors are freed is what it
+    was before (the thread's scratch would otherwise keep n keys and a clamped copy)."""
+    def calls(x: torch.Tensor) -> None:
+        torch.ops.ash_ext.ash(x, x.shape[1] // 3, CODES["ash-s"])
+        torch.ops.ash_ext.topk_stats(x, x.shape[1] // 3, None, -1.0, 1.0)
+        torch.ops.ash_ext.ash_(x.clone(), x.shape[1] // 3, CODES["ash-b"], None, -1.0, 1.0)
+        leaf = x.clone().requires_grad_()
+        ash_ext.shape(leaf, 0.65, "ash-s").backward(torch.ones_like(x))
+
+    calls(torch.randn(1, 1 << 16))  # threads, autograd and allocator pools started on a short sample
+    before = trimmed_resident_mib()
+    calls(torch.randn(1, n))
+    growth = trimmed_resident_mib() - before
+    print(f"  one sample of {n:,} float32 values (forward, topk_stats, in place, backward; {n * 4 / 2**20:.0f} MiB "
+          f"a tensor): {growth:+.2f} MiB left resident after the tensors are freed", flush=True)
+    if growth > margin_mib:
+        return [f"a sample of {n} values left {growth:.2f} MiB resident (> {margin_mib})"]
+    return []
 
 
 def thread_cases(fallback: bool) -> list[tuple[str, Call]]:
