@@ -244,17 +244,18 @@ at::Tensor ash_forward(const at::Tensor& x, int64_t k, int64_t variant, const Op
   if (x.strides() == out.strides() && usable_layout(x, &layout)) {
     kernel(x, out, args, v, layout);
   } else if (usable_layout(out, &layout)) {
-    // A non-dense input (a slice, an expanded view): one copy into the output's layout.
-    at::Tensor staged = at::empty_like(out);
-    staged.copy_(x);
-    kernel(staged, out, args, v, layout);
+    // A non-dense input (a slice, an expanded view): copied once into the output, which the
+    // kernel then shapes in place (every backend reads a sample fully before writing it), so
+    // that no second buffer of the output's size is needed -- an expanded view of 2^31 values
+    // over a tiny storage costs one output, not two.
+    out.copy_(x);
+    kernel(out, out, args, v, layout);
   } else {
-    // A dense layout whose batch dimension is not outermost: work on contiguous copies.
+    // A dense layout whose batch dimension is not outermost: a contiguous copy, shaped in place.
     at::Tensor staged = x.contiguous();
-    at::Tensor result = at::empty_like(staged);
-    TORCH_INTERNAL_ASSERT(usable_layout(staged, &layout));
-    kernel(staged, result, args, v, layout);
-    out.copy_(result);
+    TORCH_INTERNAL_ASSERT(!staged.is_same(x) && usable_layout(staged, &layout));
+    kernel(staged, staged, args, v, layout);
+    out.copy_(staged);
   }
   return out;
 }
