@@ -10,6 +10,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ._semantics import check_writable_in_place
+
 try:
     from . import _C  # noqa: F401  (importing registers the ash_ext ops with torch)
 
@@ -112,16 +114,8 @@ def _check_op_args(x, k, variant, k_per_sample, clamp_min, clamp_max, grad=None,
             raise ValueError(f"ash_ext: the clamp bounds must not be NaN, got [{low:g}, {high:g}]")
         if low > high:
             raise ValueError(f"ash_ext: clamp_min must not exceed clamp_max, got [{low:g}, {high:g}]")
-    if inplace and x.numel() != 0:
-        span = 0  # provably_non_overlapping: each stride, in increasing order, steps past the span before it
-        for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
-            if stride <= span:
-                raise ValueError(
-                    "ash_ext: inplace=True needs an input whose elements do not share memory, got sizes "
-                    f"{list(x.shape)} and strides {list(x.stride())} (an expanded or overlapping view cannot be "
-                    "written in place); use inplace=False"
-                )
-            span += (size - 1) * stride
+    if inplace:
+        check_writable_in_place(x)
     if grad is not None:
         torch._check_with(
             ValueError,

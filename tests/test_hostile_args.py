@@ -631,3 +631,16 @@ def test_property_hostile_calls(call):
     if reference is not None:
         for g, r in zip(got, reference):
             assert same_values(g, r), (g, r)
+
+
+@pytest.mark.parametrize("force_fallback", [False, True], ids=["kernel", "fallback"])
+def test_public_in_place_refuses_overlapping_views_on_every_implementation(force_fallback: bool) -> None:
+    # The public functions check before choosing an implementation: the fallback, which would
+    # write through the view element by element, refuses the same views as the raw op.
+    from ash_ext.functional import shape_with
+
+    storage = torch.arange(4.0)
+    for view in (storage.as_strided((3, 2), (1, 1)), storage[:1].expand(3, 4)):
+        with pytest.raises(ValueError, match="do not share memory"):
+            shape_with(view, 0.5, "ash-p", inplace=True, force_fallback=force_fallback)
+        assert torch.equal(storage, torch.arange(4.0))
