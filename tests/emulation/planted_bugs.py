@@ -229,10 +229,12 @@ BUGS = (
 
 
 def scratch_tree(base: str) -> str:
-    """A copy of what the emulation build reads: csrc/ and tests/emulation/."""
+    """A copy of what the emulation build reads: csrc/, tests/emulation/ and tools/sanitizers.py."""
     tree = tempfile.mkdtemp(prefix="ash_planted_", dir=base)
     shutil.copytree(os.path.join(ROOT, "csrc"), os.path.join(tree, "csrc"))
     shutil.copytree(HERE, os.path.join(tree, "tests", "emulation"), ignore=shutil.ignore_patterns("__pycache__"))
+    os.makedirs(os.path.join(tree, "tools"))
+    shutil.copy2(os.path.join(ROOT, "tools", "sanitizers.py"), os.path.join(tree, "tools", "sanitizers.py"))
     return tree
 
 

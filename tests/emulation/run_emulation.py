@@ -37,6 +37,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import sanitizers  # noqa: E402  (tools/sanitizers.py: the flags and runtimes shared with tools/sanitized_cpu.py)
 
 VARIANTS = {"ash-p": 0, "ash-b": 1, "ash-s": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -57,13 +59,6 @@ REGIMES = {0: "on-chip", 1: "block-per-sample", 2: "chunked", 3: "cluster"}
 HISTOGRAM_BYTES = 2048 * 4
 STATIC_ALLOWANCE = 2048
 DEFAULT_DYNAMIC_LIMIT = 48 * 1024
-SANITIZER_FLAGS = {
-    "none": ([], []),
-    "address": (["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"],
-                ["-fsanitize=address,undefined"]),
-    "thread": (["-fsanitize=thread"], ["-fsanitize=thread"]),
-}
-SANITIZER_RUNTIME = {"address": "libasan.so", "thread": "libtsan.so"}
 SKIP_MACROS = {torch.float16: "HALF", torch.bfloat16: "BFLOAT16", torch.float64: "DOUBLE"}
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -88,7 +83,7 @@ def build(sanitize: str = "none", dtypes=DTYPES, source_root: str = ROOT, build_
     )
     build_dir = os.path.join(build_dir, name)
     os.makedirs(build_dir, exist_ok=True)
-    cflags, ldflags = SANITIZER_FLAGS[sanitize]
+    cflags, ldflags = sanitizers.FLAGS[sanitize]
     here = os.path.join(source_root, "tests", "emulation")
     return load(
         name=name,
@@ -105,19 +100,13 @@ def build(sanitize: str = "none", dtypes=DTYPES, source_root: str = ROOT, build_
 
 def rerun_with_sanitizer_runtime(sanitize: str) -> int:
     """Runs this script again with the sanitizer's runtime preloaded (it must be loaded first)."""
-    runtime = subprocess.run(
-        [os.environ.get("CXX", "g++"), f"-print-file-name={SANITIZER_RUNTIME[sanitize]}"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    if not os.path.isabs(runtime):
-        print(f"no {SANITIZER_RUNTIME[sanitize]} found (GCC's sanitizer runtimes are needed)")
+    runtime = sanitizers.runtime_path(sanitize)
+    if runtime is None:
+        print(f"no {sanitizers.RUNTIME[sanitize]} found (GCC's sanitizer runtimes are needed)")
         return 2
     # One thread: torch's OpenMP runtime is not instrumented, and ThreadSanitizer would report its
     # synchronisation as races.
-    env = dict(os.environ, LD_PRELOAD=runtime, ASH_EXT_EMULATION_PRELOADED=runtime, OMP_NUM_THREADS="1")
-    env.setdefault("ASAN_OPTIONS", "detect_leaks=0:halt_on_error=1:abort_on_error=1")
-    env.setdefault("UBSAN_OPTIONS", "halt_on_error=1:print_stacktrace=1")
-    env.setdefault("TSAN_OPTIONS", "halt_on_error=1:report_signal_unsafe=0:history_size=4")
+    env = sanitizers.preloaded_env(sanitize, runtime, ASH_EXT_EMULATION_PRELOADED=runtime, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable] + sys.argv, env=env).returncode
 
 
