@@ -2,6 +2,9 @@
 #   make bench   - the main job: ash_ext and the shaping family against their references (python -m ash_ext bench --methods all)
 #   make test    - lint and the test suite, with the CUDA kernels' quick emulation runs and
 #                  resource checks (EMULATION=off skips the emulation, EMULATION=full runs it all)
+#                  and the CPU build's sanitizer run (SANITIZERS=off skips it)
+#   make sanitize - the C++ CPU kernel and front end under ASan + UBSan: a build of their own in
+#                  build/sanitized, the parity/layout/in-place/edge-case tests, a LeakSanitizer check
 #   make planted-bugs - shows each check of the CUDA emulator catching a bug planted for it
 #   make large-sizes  - the release check of sizes past 2^31 elements (CPU kernel, then the CUDA
 #                       kernels emulated at 1/500 of the sizes); too slow and too large for CI
@@ -18,6 +21,7 @@ CUDA_HOME ?= /usr/local/cuda
 TORCH_CUDA_ARCH_LIST ?= 9.0
 BENCH_ARGS ?= --methods all
 EMULATION ?= quick
+SANITIZERS ?= on
 # pytest-xdist workers for make test (the suite is mostly one-core work: two workers keep a
 # 2-core machine busy), each with one intra-op thread unless OMP_NUM_THREADS says otherwise
 # (two processes' OpenMP teams on two cores would wait on each other's preempted threads; the
@@ -25,7 +29,7 @@ EMULATION ?= quick
 TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: setup build test lint bench planted-bugs large-sizes clean
+.PHONY: setup build test lint bench planted-bugs sanitize large-sizes clean
 
 # pip -qq: errors only (this machine's pip configuration warns once per package about an index
 # folder it lacks, ~50 lines that say nothing about the install).
@@ -62,7 +66,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: build lint
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ASH_EXT_EMULATION=$(EMULATION) $(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_JOBS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ASH_EXT_EMULATION=$(EMULATION) ASH_EXT_SANITIZERS=$(SANITIZERS) \
+		$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_JOBS)
+
+# tools/sanitized_cpu.py: builds its own sanitized ash_ext._C (not the one make build makes).
+sanitize: setup
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) tools/sanitized_cpu.py
 
 planted-bugs: setup
 	$(PY) tests/emulation/planted_bugs.py
