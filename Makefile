@@ -6,6 +6,8 @@
 #   make sanitize - the C++ CPU kernel and front end under ASan + UBSan: a build of their own in
 #                  build/sanitized, the parity/layout/in-place/edge-case tests, a LeakSanitizer check
 #   make planted-bugs - shows each check of the CUDA emulator catching a bug planted for it
+#   make large-sizes  - the release check of sizes past 2^31 elements (CPU kernel, then the CUDA
+#                       kernels emulated at 1/500 of the sizes); too slow and too large for CI
 # Both create .venv, install what is needed and build the extension first.
 
 VENV ?= .venv
@@ -20,9 +22,14 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 BENCH_ARGS ?= --methods all
 EMULATION ?= quick
 SANITIZERS ?= on
+# pytest-xdist workers for make test (the suite is mostly one-core work: two workers keep a
+# 2-core machine busy), each with one intra-op thread unless OMP_NUM_THREADS says otherwise
+# (two processes' OpenMP teams on two cores would wait on each other's preempted threads; the
+# tests that need several threads set them)
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export CUDA_HOME TORCH_CUDA_ARCH_LIST
 
-.PHONY: setup build test lint bench planted-bugs sanitize clean
+.PHONY: setup build test lint bench planted-bugs sanitize large-sizes clean
 
 # pip -qq: errors only (this machine's pip configuration warns once per package about an index
 # folder it lacks, ~50 lines that say nothing about the install).
@@ -34,8 +41,8 @@ $(VENV)/.deps-ready:
 	$(PYTHON) -m venv $(VENV) && \
 	step "pip, setuptools, wheel" && $(PIP) --upgrade pip setuptools wheel && \
 	step "$(TORCH_SPEC) (the largest download)" && $(PIP) $(TORCH_SPEC) && \
-	step "ninja numpy scipy matplotlib pytest hypothesis pytest-benchmark ruff" && \
-	$(PIP) ninja numpy scipy typing_extensions matplotlib pytest hypothesis pytest-benchmark ruff && \
+	step "ninja numpy scipy matplotlib pytest pytest-xdist hypothesis pytest-benchmark ruff" && \
+	$(PIP) ninja numpy scipy typing_extensions matplotlib pytest pytest-xdist hypothesis pytest-benchmark ruff && \
 	step "onnx onnxscript onnxruntime (the onnx extra: export tests)" && $(PIP) onnx onnxscript onnxruntime && \
 	step "pytorch-ood 0.4.0 (--no-deps: keeps the torch above)" && $(PIP) --no-deps pytorch-ood==0.4.0 && \
 	echo "setup: done in $$(( $$(date +%s) - start )) s"
@@ -59,7 +66,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: build lint
-	ASH_EXT_EMULATION=$(EMULATION) ASH_EXT_SANITIZERS=$(SANITIZERS) $(PY) -m pytest tests -q -p no:cacheprovider
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} ASH_EXT_EMULATION=$(EMULATION) ASH_EXT_SANITIZERS=$(SANITIZERS) \
+		$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_JOBS)
 
 # tools/sanitized_cpu.py: builds its own sanitized ash_ext._C (not the one make build makes).
 sanitize: setup
@@ -67,6 +75,10 @@ sanitize: setup
 
 planted-bugs: setup
 	$(PY) tests/emulation/planted_bugs.py
+
+large-sizes: build
+	$(PY) tools/large_sizes.py
+	$(PY) tests/emulation/run_emulation.py --large 0.002
 
 bench: build
 	$(PY) -m ash_ext bench $(BENCH_ARGS)

@@ -112,7 +112,7 @@ setup(
         "plot": ["matplotlib"],
         # ONNX export (ash_ext.onnx_translation_table) and running the exported models
         "onnx": ["onnx", "onnxscript", "onnxruntime"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "ruff"],
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "ruff"],
     },
     entry_points={"console_scripts": ["ash-ext = ash_ext.__main__:main"]},
     ext_modules=_extensions(),

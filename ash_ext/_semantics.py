@@ -134,13 +134,32 @@ def kept_count(n: int, percentile: float) -> int:
     return n - int(round(n * percentile))
 
 
+def check_writable_in_place(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``x``'s elements provably do not share memory (as
+    ``provably_non_overlapping`` in csrc/ops.cpp, with its message): each stride, in increasing
+    order, must step past the span of the dimensions before it."""
+    if x.numel() == 0:
+        return
+    span = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1):
+        if stride <= span:
+            raise ValueError(
+                "ash_ext: inplace=True needs an input whose elements do not share memory, got sizes "
+                f"{list(x.shape)} and strides {list(x.stride())} (an expanded or overlapping view cannot be "
+                "written in place); use inplace=False"
+            )
+        span += (size - 1) * stride
+
+
 def check_inplace_allowed(x: torch.Tensor) -> None:
-    """Raise ``RuntimeError`` if writing ASH's result into ``x`` would bypass autograd."""
+    """Raise ``RuntimeError`` if writing ASH's result into ``x`` would bypass autograd, and
+    ``ValueError`` if elements of ``x`` share memory (every implementation, the fallback too)."""
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
             "ASH with inplace=True is not differentiable and x requires grad; use inplace=False "
             "or run under torch.no_grad()"
         )
+    check_writable_in_place(x)
 
 
 def check_clip(clip: object) -> Optional[float]:

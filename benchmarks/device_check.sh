@@ -14,6 +14,9 @@
 #   regimes      gpu_cases.py on the model and long shapes with ASH_EXT_CUDA_REGIME=chunked, then
 #                =sample-per-block: on a Hopper the grid sends long samples to clusters, so
 #                these two regimes' kernels run only when forced                   60 s (20-40 s)
+#   large        tools/large_sizes.py --device cuda: float16 inputs past 2^31 elements (a batch, one
+#                sample) through every variant and topk_stats, checked on the host; in the
+#                background with tests_rest                                           120 s (40-80 s)
 #   bench        benchmarks/gpu_bench.py, alone on the GPU, with every regime side by side on
 #                the cluster regime's target shapes                                 90 s (30-50 s)
 #   memcheck, racecheck, synccheck, initcheck: compute-sanitizer on benchmarks/sanitize_cases.py,
@@ -190,7 +193,8 @@ step regimes 60 bash -c "env ASH_EXT_CUDA_REGIME=chunked CUDA_LAUNCH_BLOCKING=1 
   $PY benchmarks/gpu_cases.py --only 'resnet50|limit\\+1|long'; a=\$?; \
   env ASH_EXT_CUDA_REGIME=sample-per-block CUDA_LAUNCH_BLOCKING=1 OMP_NUM_THREADS=4 \
   $PY benchmarks/gpu_cases.py --only 'resnet50|limit\\+1|long-batch'; exit \$((a + \$?))"
-step_wait tests_rest
+step_bg large 120 env OMP_NUM_THREADS=4 "$PY" tools/large_sizes.py --device cuda
+step_wait tests_rest large
 
 # The benchmark, with nothing else on the GPU.
 step bench 90 "$PY" benchmarks/gpu_bench.py

@@ -372,3 +372,87 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: a test of several seconds (ViT, wide ResNet, torch.compile); deselect with -m 'not slow'"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Raw ops under hostile arguments: CPU, fake and meta tensors must raise alike
+# --------------------------------------------------------------------------------------------
+
+RAW_OPS = ("ash", "ash_", "ash_backward", "topk_stats")
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+def args_for(op, x, k=1, variant=0, kps=None, cmin=None, cmax=None, grad=None):
+    """The positional arguments of raw op ``op``; the gradient defaults to a zero-stride one."""
+    if op == "ash_backward":
+        if grad is None:
+            grad = torch.ones((), dtype=x.dtype, device=x.device).expand(x.shape)
+        return (grad, x, k, variant, kps)
+    if op == "topk_stats":
+        return (x, k, kps, cmin, cmax)
+    return (x, k, variant, kps, cmin, cmax)
+
+
+def run(op, args):
+    return getattr(torch.ops.ash_ext, op)(*args)
+
+
+def raised(op, args):
+    """The exception ``op`` raises on ``args``, or None."""
+    try:
+        run(op, args)
+    except Exception as error:  # noqa: BLE001 -- the caller checks its type
+        return error
+    return None
+
+
+def tensors(args):
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def storage_bytes(t):
+    """A copy of the memory behind ``t``: its whole storage, however many elements ``t`` shows."""
+    if t.layout != torch.strided:
+        return t.clone()
+    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()).clone()
+
+
+def unchanged(before, t):
+    if t.layout != torch.strided:
+        return torch.equal(before.to_dense(), t.to_dense())
+    return torch.equal(before, torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()))
+
+
+def fake_args(mode, args):
+    return tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def first_line(error) -> str:
+    return str(error).splitlines()[0]
+
+
+def assert_raises_alike(op, build, error, token):
+    """``build(device, odd_device)`` gives args_for's keywords for a bad call of raw op ``op``.
+
+    On CPU tensors the call must raise exactly ``error`` with ``token`` (the bad value) in the
+    message and leave every tensor's memory as it was; the same tensors as fake tensors, and the
+    call built on the meta device (the odd device then the CPU), must raise the same exception
+    with the same message (the fake kernels' validator in ash_ext/_ops.py mirrors csrc/ops.cpp).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = args_for(op, **build("cpu", "meta"))
+    before = [storage_bytes(t) if t.device.type == "cpu" else None for t in tensors(args)]
+    cpu = raised(op, args)
+    assert type(cpu) is error, repr(cpu)
+    assert token in str(cpu), str(cpu)
+    for b, t in zip(before, tensors(args)):
+        assert b is None or unchanged(b, t)
+    if all(t.layout in (torch.strided, torch.sparse_coo) for t in tensors(args)):  # no fake CSR
+        with FakeTensorMode() as mode:
+            fake = raised(op, fake_args(mode, args))
+        assert type(fake) is error and first_line(fake) == first_line(cpu), repr(fake)
+    meta = raised(op, args_for(op, **build("meta", "cpu")))
+    swapped = first_line(cpu).replace("cpu", "\0").replace("meta", "cpu").replace("\0", "meta")
+    assert type(meta) is error and first_line(meta) == swapped, repr(meta)

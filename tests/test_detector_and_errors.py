@@ -12,8 +12,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    INT64_MAX,
+    INT64_MIN,
+    RAW_OPS,
     VARIANTS,
     assert_matches_oracle,
+    assert_raises_alike,
     integer_ties,
     kernel_available,
     needs_kernel,
@@ -323,31 +327,22 @@ def test_inplace_requires_grad_public_api_unchanged_on_error():
 
 
 @needs_kernel
-@pytest.mark.parametrize("k", [-1, 13, 2**40, -(2**40)])
-@pytest.mark.parametrize("op", ["ash", "ash_"])
+@pytest.mark.parametrize("k", [-1, 13, 2**40, -(2**40), 2**62, INT64_MAX, INT64_MIN])
+@pytest.mark.parametrize("op", RAW_OPS)
 def test_raw_op_k_out_of_range(op, k):
-    x = torch.randn(2, 3, 4)
-    before = x.clone()
-    with pytest.raises(ValueError, match=str(k)):
-        getattr(torch.ops.ash_ext, op)(x, k, 0)
-    assert torch.equal(x, before)
+    """On CPU, fake and meta tensors alike (more hostile arguments in test_hostile_args.py)."""
+    assert_raises_alike(
+        op, lambda device, _: {"x": torch.randn(2, 3, 4, device=device), "k": k}, ValueError, f"12 elements, got {k}"
+    )
 
 
 @needs_kernel
-def test_raw_op_k_out_of_range_backward():
-    x = torch.randn(2, 3, 4)
-    with pytest.raises(ValueError, match="13"):
-        torch.ops.ash_ext.ash_backward(torch.ones_like(x), x, 13, 0)
-
-
-@needs_kernel
-@pytest.mark.parametrize("variant", [-1, 4, 100])
-def test_raw_op_bad_variant(variant):
-    x = torch.randn(2, 4)
-    with pytest.raises(ValueError, match=str(variant)):
-        torch.ops.ash_ext.ash(x, 2, variant)
-    with pytest.raises(ValueError, match=str(variant)):
-        torch.ops.ash_ext.ash_(x, 2, variant)
+@pytest.mark.parametrize("variant", [-1, 4, 100, 2**62, INT64_MIN])
+@pytest.mark.parametrize("op", ["ash", "ash_", "ash_backward"])
+def test_raw_op_bad_variant(op, variant):
+    assert_raises_alike(
+        op, lambda device, _: {"x": torch.randn(2, 4, device=device), "variant": variant}, ValueError, f"got {variant}"
+    )
 
 
 @needs_kernel

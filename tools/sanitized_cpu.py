@@ -62,6 +62,7 @@ TEST_FILES = (
     "tests/test_detector_and_errors.py",
     "tests/test_cpu_family.py",
     "tests/test_cpu_isa.py",
+    "tests/test_hostile_args.py",
 )
 DESELECTED = (
     # Imports ash_ext in subprocesses with an empty environment: no preloaded runtime.

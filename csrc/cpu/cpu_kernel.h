@@ -89,16 +89,43 @@ struct ThresholdGuess {
   key_t half_width = 0; // of the key window around it, adapted as guesses hit or miss
 };
 
+// n elements left uninitialised. The candidate buffer is sized for the worst case, every key of
+// the sample, but a sample writes only as many keys as its window or top digit gathers (for one
+// sample of 2^31 float16 values a few hundred MiB of the 4 GiB); the pages past them are never
+// touched, so they never become resident (std::vector's resize would zero-fill all of them).
+template <typename T>
+class UninitializedBuffer {
+  static_assert(std::is_trivial_v<T>, "no constructor may need to run");
+
+ public:
+  size_t size() const { return size_; }
+  T* data() { return data_.get(); }
+  // Discards the contents (every call fills the buffer before reading it).
+  void resize(size_t n) {
+    data_.reset(new T[n]);  // default-initialised: left uninitialised for a trivial T
+    size_ = n;
+  }
+  void release() {
+    data_.reset();
+    size_ = 0;
+  }
+
+ private:
+  std::unique_ptr<T[]> data_;
+  size_t size_ = 0;
+};
+
 // A thread's working memory, kept from one call to the next (per dtype and digit width) and
-// grown to the largest sample the thread has seen: allocating it per call would cost short
-// samples more than their selection. Used by its own thread, and by the chunks of a split sample
-// (disjoint parts) while that thread waits for them.
+// grown to the largest sample the thread has seen, up to kRetainedScratchValues (see
+// ScratchLease): allocating it per call would cost short samples more than their selection.
+// Used by its own thread, and by the chunks of a split sample (disjoint parts) while that thread
+// waits for them.
 template <typename Radix, typename scalar_t>
 struct Scratch {
   using key_t = key_type<scalar_t>;
   using acc_t = acc_type<scalar_t>;
   std::vector<uint32_t> hist = std::vector<uint32_t>(Radix::kHistCopies * Radix::kFirstBuckets);
-  std::vector<key_t> candidates;     // gathered keys, with kLanes slots of room for whole-vector stores
+  UninitializedBuffer<key_t> candidates;  // gathered keys, with kLanes slots of room for whole-vector stores
   std::vector<key_t> spare;          // pass C's second buffer of keys, grown to the candidates' count
   std::vector<int64_t> tie_indices;  // logical indices of ties, permuted layouts only
   std::vector<int64_t> counts;       // top-digit counts, one histogram per chunk
@@ -109,6 +136,17 @@ struct Scratch {
   std::vector<int64_t> chunk_above;  // keys above the window per chunk
   std::vector<scalar_t> clamped;     // the clamped sample (topk_stats with clamp bounds)
   ThresholdGuess<key_t> guess;
+
+  // Frees the buffers whose size follows the sample's (the guess and the histograms stay).
+  void release_sample_buffers() {
+    candidates.release();
+    std::vector<key_t>().swap(spare);
+    std::vector<int64_t>().swap(tie_indices);
+    std::vector<acc_t>().swap(block_sums);
+    std::vector<acc_t>().swap(kept_sums);
+    std::vector<scalar_t>().swap(masked);
+    std::vector<scalar_t>().swap(clamped);
+  }
 };
 
 // This thread's scratch, with room for samples of n values.
@@ -121,6 +159,32 @@ Scratch<Radix, scalar_t>& this_threads_scratch(int64_t n) {
   }
   return scratch;
 }
+
+// Samples up to this many values leave their buffers in the thread's scratch for the next call;
+// a longer sample's are freed when it is done, so that one huge call does not leave every
+// thread it ran on holding buffers of its size (2^31 float32 values: 8 GiB of candidates, plus
+// the clamped copy). Allocating them again costs little next to reading such a sample.
+constexpr int64_t kRetainedScratchValues = int64_t(1) << 22;
+
+// This thread's scratch for the samples of n values that one task handles, released (above)
+// when the task ends.
+template <typename Radix, typename scalar_t>
+class ScratchLease {
+ public:
+  explicit ScratchLease(int64_t n) : scratch_(this_threads_scratch<Radix, scalar_t>(n)), n_(n) {}
+  ~ScratchLease() {
+    if (n_ > kRetainedScratchValues) {
+      scratch_.release_sample_buffers();
+    }
+  }
+  ScratchLease(const ScratchLease&) = delete;
+  ScratchLease& operator=(const ScratchLease&) = delete;
+  Scratch<Radix, scalar_t>& get() { return scratch_; }
+
+ private:
+  Scratch<Radix, scalar_t>& scratch_;
+  int64_t n_;
+};
 
 // The lanes of a step that hold values: all 16 (Full), or the first len of a sample's last step.
 struct Full {
@@ -554,13 +618,29 @@ struct ChunkPlan {
   int64_t end(int64_t c) const { return std::min(n, last_block(c) * kSumBlock); }
 };
 
+// The sum of a sample's block sums in one fixed order, whatever the threads: a running total
+// of up to kRunningBlocks blocks (32768 values), and pairwise above that (halves, recursively).
+// A running float32 total of 2^19 blocks (one sample of 2^31 values) was off by ~1e-3 relative,
+// more than float16's rounding of the result (tools/large_sizes.py); pairwise, the error grows
+// with log2(blocks), not blocks.
+constexpr size_t kRunningBlocks = 8;
+
+template <typename acc_t>
+acc_t pairwise_total(const acc_t* sums, size_t count) {
+  if (count <= kRunningBlocks) {
+    acc_t total = 0;
+    for (size_t i = 0; i < count; ++i) {
+      total += sums[i];
+    }
+    return total;
+  }
+  const size_t half = count / 2;
+  return pairwise_total(sums, half) + pairwise_total(sums + half, count - half);
+}
+
 template <typename acc_t>
 acc_t ordered_total(const std::vector<acc_t>& block_sums) {
-  acc_t total = 0;
-  for (const acc_t s : block_sums) {
-    total += s;
-  }
-  return total;
+  return pairwise_total(block_sums.data(), block_sums.size());
 }
 
 // The sample offset of the need-th value (1-based) whose key is `threshold`, or -1.
@@ -908,7 +988,7 @@ void clamp_sample(const scalar_t* src, scalar_t* dst, const ChunkPlan& plan, con
 
 // s1 of a sample that keeps nothing (so has no selection to take it from): block by block with
 // block_sum, which is what passes A and W compute per block on either path, then the blocks in
-// order -- the same bits the selection would have produced.
+// ordered_total -- the same bits the selection would have produced.
 template <typename scalar_t>
 acc_type<scalar_t> sample_total(const scalar_t* in, const ChunkPlan& plan,
                                 std::vector<acc_type<scalar_t>>& block_sums) {
@@ -977,7 +1057,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& out, const ShapeArgs& a
       clamp_sample(in, dst, plan, bounds);
       in = dst;
     }
-    auto& scratch = this_threads_scratch<Radix, scalar_t>(n);
+    ScratchLease<Radix, scalar_t> lease(n);
+    auto& scratch = lease.get();
     if (k == 0) {
       if (variant == Variant::ScaleUnpruned) {
         const acc_t factor = scale_factor(sample_total(in, plan, scratch.block_sums), acc_t(0));
@@ -1060,7 +1141,8 @@ void backward_impl(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   const SampleSelector<Radix, scalar_t> selector{layout};
   // The backward is not on the inference path: one sample per task, a plain loop per sample.
   at::parallel_for(0, layout.batch, 1, [&](int64_t begin, int64_t end) {
-    auto& scratch = this_threads_scratch<Radix, scalar_t>(n);
+    ScratchLease<Radix, scalar_t> lease(n);
+    auto& scratch = lease.get();
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* xs = x_base + b * n;
       const scalar_t* gs = g_base + b * n;
@@ -1141,7 +1223,8 @@ void stats_impl(const at::Tensor& x, const ShapeArgs& args, const SampleLayout& 
     const int64_t k = args.k_of(b);
     const scalar_t* in = in_base + b * n;
     const ChunkPlan plan(n, parallel_chunks);
-    auto& scratch = this_threads_scratch<Radix, scalar_t>(n);
+    ScratchLease<Radix, scalar_t> lease(n);
+    auto& scratch = lease.get();
     if (bounds.active) {
       // x is read-only here: the thread's scratch holds the clamped sample for the later passes.
       scratch.clamped.resize(static_cast<size_t>(n));

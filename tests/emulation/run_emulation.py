@@ -839,6 +839,22 @@ def run_checks(module, fallback, case_set: str, dtypes, races_only: bool = False
     return checker
 
 
+def run_large_sizes(scale: float, build_dir: str) -> int:
+    """tools/large_sizes.py's checks through the CUDA kernels, on an emulated H100 (132
+    multiprocessors, 227 KiB of shared memory a block, clusters of up to 16 blocks)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import large_sizes
+
+    started = time.time()
+    module = build("none", (torch.float16,), ROOT, build_dir)
+    module.set_device_limits(132, H100_SHARED_PER_BLOCK, HOPPER_MAX_CLUSTER)
+    print(f"built in {time.time() - started:.0f}s; emulated H100", flush=True)
+    for label, (batch, n) in large_sizes.shapes(scale):
+        regime, *_ = module.plan(batch, n, 2)
+        print(f"  {label}: [{batch}, {n}] goes to the {REGIMES[regime]} regime", flush=True)
+    return 1 if large_sizes.run_all(scale) else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the quick set (CI's)")
@@ -848,7 +864,11 @@ def main() -> int:
                         "float32 and float16 with --sanitize)")
     parser.add_argument("--source-root", default=ROOT, help="the ash_ext tree whose kernels to build")
     parser.add_argument("--build-dir", default="", help="where the emulated module is built")
+    parser.add_argument("--large", type=float, metavar="SCALE", help="tools/large_sizes.py's checks (sizes past "
+                        "2^31 elements, float16) at SCALE times its sizes, on an emulated H100")
     args = parser.parse_args()
+    if args.large is not None:
+        return run_large_sizes(args.large, args.build_dir)
     if args.dtypes:
         dtypes = tuple(DTYPE_NAMES[name.strip()] for name in args.dtypes.split(","))
     else:
